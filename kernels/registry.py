@@ -1,0 +1,174 @@
+"""Kernel registry: which implementation of an op runs on which device, dtype and shape.
+
+What it is: a table of implementations per public op. Each implementation names its
+backend (`reference`, `triton`, `cuda`), a priority, and its requirements (device types,
+CUDA arch range, dtypes, and an optional shape predicate that returns the reason it refuses).
+`select()` takes the highest-priority implementation whose requirements hold; an override
+(`TSCOMPILE_KERNELS="op=backend"` or `"*=backend"`) forces one, and a forced backend that
+cannot run is an error (no silent fallback hides a broken fast path). `explain()` prints,
+for every candidate, why it was taken or refused. Every selection is recorded
+(`selections()`) so a run can write down which kernels it used.
+
+What it is not: the op definitions (those are the `torch.library` custom ops in the
+per-family files, e.g. `kernels/norm.py`), nor any kernel code.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from tscompile import envs
+
+log = logging.getLogger("tscompile.kernels")
+
+Arch = tuple[int, int]  # CUDA compute capability, e.g. (9, 0) for Hopper
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """What an implementation is asked to run on: the first tensor's device and dtype,
+    plus op-specific shape facts (e.g. `head_dim=128`) as keyword pairs."""
+
+    device: torch.device
+    dtype: torch.dtype
+    shape: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def arch(self) -> Arch | None:
+        if self.device.type != "cuda":
+            return None
+        return torch.cuda.get_device_capability(self.device)
+
+    def get(self, key: str) -> int | None:
+        return dict(self.shape).get(key)
+
+
+@dataclass(frozen=True, slots=True)
+class Requirements:
+    devices: frozenset[str] = frozenset({"cpu", "cuda"})
+    min_arch: Arch | None = None
+    max_arch: Arch | None = None
+    dtypes: frozenset[torch.dtype] | None = None  # None: any dtype
+    # Returns None when the shape is supported, else the reason it is not.
+    shape_check: Callable[[Query], str | None] | None = None
+    available: Callable[[], str | None] | None = None  # e.g. "triton not importable"
+
+    def refuse(self, q: Query) -> str | None:
+        """The reason this implementation cannot run `q`, or None if it can."""
+        if self.available is not None and (why := self.available()) is not None:
+            return why
+        if q.device.type not in self.devices:
+            return f"device {q.device.type} not in {sorted(self.devices)}"
+        arch = q.arch
+        if self.min_arch is not None and (arch is None or arch < self.min_arch):
+            return f"arch {arch} below sm_{self.min_arch[0]}{self.min_arch[1]}"
+        if self.max_arch is not None and (arch is None or arch > self.max_arch):
+            return f"arch {arch} above sm_{self.max_arch[0]}{self.max_arch[1]}"
+        if self.dtypes is not None and q.dtype not in self.dtypes:
+            return f"dtype {q.dtype} not in {sorted(str(d) for d in self.dtypes)}"
+        if self.shape_check is not None and (why := self.shape_check(q)) is not None:
+            return why
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Impl:
+    op: str
+    backend: str
+    fn: Callable
+    priority: int
+    requires: Requirements
+
+
+@dataclass
+class Registry:
+    _impls: dict[str, list[Impl]] = field(default_factory=dict)
+    _chosen: dict[tuple[str, str, str], str] = field(default_factory=dict)
+
+    def register(self, op: str, backend: str, *, priority: int = 0,
+                 requires: Requirements | None = None) -> Callable[[Callable], Callable]:
+        """Decorator: `@registry.register("rms_norm", "reference")`."""
+
+        def deco(fn: Callable) -> Callable:
+            impls = self._impls.setdefault(op, [])
+            if any(i.backend == backend for i in impls):
+                raise ValueError(f"kernel {op!r} already has a {backend!r} implementation")
+            impls.append(Impl(op, backend, fn, priority, requires or Requirements()))
+            impls.sort(key=lambda i: -i.priority)
+            return fn
+
+        return deco
+
+    def ops(self) -> list[str]:
+        return sorted(self._impls)
+
+    def impls(self, op: str) -> list[Impl]:
+        if op not in self._impls:
+            raise KeyError(f"unknown kernel op {op!r}; known: {', '.join(self.ops())}")
+        return list(self._impls[op])
+
+    def _forced(self, op: str) -> str | None:
+        overrides = envs.TSCOMPILE_KERNELS.get()
+        return overrides.get(op, overrides.get("*"))
+
+    def select(self, op: str, q: Query) -> Impl:
+        impls = self.impls(op)
+        forced = self._forced(op)
+        if forced is not None:
+            match = [i for i in impls if i.backend == forced]
+            if not match:
+                raise RuntimeError(
+                    f"TSCOMPILE_KERNELS forces {op}={forced}, but {op} has no {forced!r} "
+                    f"backend; available: {', '.join(i.backend for i in impls)}")
+            if (why := match[0].requires.refuse(q)) is not None:
+                raise RuntimeError(f"TSCOMPILE_KERNELS forces {op}={forced}, which cannot run "
+                                   f"here: {why}")
+            return self._record(op, q, match[0])
+        for impl in impls:
+            if impl.requires.refuse(q) is None:
+                return self._record(op, q, impl)
+        raise RuntimeError(f"no implementation of {op} runs on {q}:\n{self.explain(op, q)}")
+
+    def explain(self, op: str, q: Query) -> str:
+        """One line per candidate, best first: taken, or refused and why."""
+        forced = self._forced(op)
+        lines, taken = [], False
+        for impl in self.impls(op):
+            why = impl.requires.refuse(q)
+            if forced is not None and impl.backend != forced:
+                why = why or f"not the forced backend {forced!r}"
+            if why is None and not taken:
+                taken = True
+                lines.append(f"  {op}/{impl.backend} (priority {impl.priority}): taken")
+            elif why is None:
+                lines.append(f"  {op}/{impl.backend} (priority {impl.priority}): "
+                             "eligible, lower priority")
+            else:
+                lines.append(f"  {op}/{impl.backend} (priority {impl.priority}): refused, {why}")
+        return "\n".join(lines)
+
+    def _record(self, op: str, q: Query, impl: Impl) -> Impl:
+        key = (op, q.device.type, str(q.dtype).removeprefix("torch."))
+        if self._chosen.get(key) != impl.backend:
+            self._chosen[key] = impl.backend
+            level = logging.INFO if envs.TSCOMPILE_LOG_KERNELS.get() else logging.DEBUG
+            log.log(level, "kernel %s on %s/%s -> %s", op, key[1], key[2], impl.backend)
+        return impl
+
+    def selections(self) -> dict[str, str]:
+        """{"op@device/dtype": backend} for every selection made so far (run metadata)."""
+        return {f"{op}@{dev}/{dt}": b for (op, dev, dt), b in sorted(self._chosen.items())}
+
+
+REGISTRY = Registry()
+register = REGISTRY.register
+
+
+def dispatch(op: str, *args, **shape: int):
+    """Select the implementation for the first tensor argument and call it."""
+    first = next(a for a in args if isinstance(a, torch.Tensor))
+    impl = REGISTRY.select(op, Query(first.device, first.dtype, tuple(sorted(shape.items()))))
+    return impl.fn(*args)

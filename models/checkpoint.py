@@ -1,0 +1,92 @@
+"""Checkpoint name maps: where each model parameter comes from in a Hugging Face checkpoint.
+
+A model class carries `CHECKPOINT_MAP`, a tuple of `Rule`s (a class-level table, STYLE.md §4).
+Patterns use `{L}` for a layer index, `{E}` for an expert index and `{*}` for "the rest of
+the name". A parameter may be assembled from several checkpoint tensors:
+
+* `{E}` in the checkpoint pattern stacks one tensor per expert along the parameter's dim 0
+  (`experts.w13[e]` <- `mlp.experts.{e}.gate_proj.weight` ...);
+* `part=(dim, index, count)` places the tensor as chunk `index` of `count` equal chunks
+  along `dim` (the fused `gate_up_proj` = [gate ; up]).
+
+Rules sharing a parameter pattern all contribute; the first pattern that matches a parameter
+name wins, so specific rules come before the catch-all `Rule("{*}", "model.{*}")`.
+`resolve()` turns a model and its map into `Piece`s: (parameter, destination index,
+checkpoint key). The loader reads pieces; the compiler's sharding plan slices them.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    param: str
+    ckpt: str
+    part: tuple[int, int, int] | None = None  # (dim, index, count)
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    param: str                         # model parameter (or persistent buffer) name
+    index: tuple[int | slice, ...]     # where in the parameter this checkpoint tensor goes
+    shape: tuple[int, ...]             # expected checkpoint tensor shape
+    ckpt: str                          # checkpoint key
+
+
+def _regex(pattern: str) -> re.Pattern[str]:
+    out = re.escape(pattern)
+    out = out.replace(r"\{L\}", r"(?P<L>\d+)").replace(r"\{\*\}", r"(?P<rest>.+)")
+    return re.compile(out + "$")
+
+
+def loadable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters plus persistent buffers (e.g. a router's correction bias), shared weights
+    (tied embeddings) listed once under their first name."""
+    out = dict(model.named_parameters())
+    non_persistent = {f"{prefix}.{name}" if prefix else name
+                      for prefix, mod in model.named_modules()
+                      for name in mod._non_persistent_buffers_set}
+    for name, buf in model.named_buffers():
+        if name not in non_persistent:
+            out[name] = buf
+    return out
+
+
+def resolve(model: nn.Module, rules: tuple[Rule, ...]) -> list[Piece]:
+    pieces: list[Piece] = []
+    for name, tensor in loadable_tensors(model).items():
+        group: list[Rule] = []
+        match = None
+        for rule in rules:
+            m = _regex(rule.param).match(name)
+            if m and (not group or rule.param == group[0].param):
+                group.append(rule)
+                match = match or m
+        if not group:
+            raise KeyError(f"parameter {name} has no rule in {type(model).__name__}.CHECKPOINT_MAP")
+        fields = {k: v for k, v in match.groupdict().items() if v is not None}
+        for rule in group:
+            pieces.extend(_pieces(name, tuple(tensor.shape), rule, fields))
+    return pieces
+
+
+def _pieces(name: str, shape: tuple[int, ...], rule: Rule, fields: dict[str, str]) -> list[Piece]:
+    experts = "{E}" in rule.ckpt
+    inner = shape[1:] if experts else shape
+    index: list[int | slice] = [slice(None)] * len(inner)
+    if rule.part is not None:
+        dim, i, count = rule.part
+        if inner[dim] % count:
+            raise ValueError(f"{name}: dim {dim} of size {inner[dim]} does not split into {count}")
+        step = inner[dim] // count
+        index[dim] = slice(i * step, (i + 1) * step)
+        inner = inner[:dim] + (step,) + inner[dim + 1:]
+    key = rule.ckpt.replace("{L}", fields.get("L", "{L}")).replace("{*}", fields.get("rest", ""))
+    if not experts:
+        return [Piece(name, tuple(index), inner, key)]
+    return [Piece(name, (e, *index), inner, key.replace("{E}", str(e))) for e in range(shape[0])]

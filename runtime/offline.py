@@ -1,0 +1,143 @@
+"""Offline generation: prefill then token-by-token decode through the paged KV cache.
+
+What it is: the smallest correct engine over the forward contract, on any device: a set of
+sequences with block tables, a step that feeds new tokens (prefill chunks and decode tokens
+mixed, decodes first), and greedy/seeded sampling with the `sample` kernel. It is the
+reference path the serving runtime and the compiled program are checked against.
+What it is not: a scheduler (no preemption, no prefix sharing, no batching policy).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from tscompile.kernels import build_metadata, sample
+from tscompile.runtime.kv_cache import BlockAllocator, bind_kv_caches
+
+
+@dataclass
+class Sequence:
+    tokens: list[int] = field(default_factory=list)  # every token whose KV is cached
+    blocks: list[int] = field(default_factory=list)
+
+
+class PagedRunner:
+    def __init__(self, model: nn.Module, *, page_size: int = 16, num_blocks: int = 256,
+                 dtype: torch.dtype | None = None, device: torch.device | str = "cpu"):
+        self.model = model
+        self.page_size = page_size
+        self.device = torch.device(device)
+        dtype = dtype or next(model.parameters()).dtype
+        bind_kv_caches(model, num_blocks, page_size, dtype=dtype, device=self.device)
+        self.allocator = BlockAllocator(num_blocks)
+        self.seqs: dict[int, Sequence] = {}
+        self._next_id = 0
+
+    def add(self) -> int:
+        sid = self._next_id
+        self._next_id += 1
+        self.seqs[sid] = Sequence()
+        return sid
+
+    def free(self, sid: int) -> None:
+        self.allocator.free(self.seqs.pop(sid).blocks)
+
+    @torch.no_grad()
+    def step(self, feeds: list[tuple[int, list[int]]], *, all_logits: bool = False
+             ) -> torch.Tensor:
+        """Run one forward over `feeds` = [(sequence, new tokens)], any order. Returns logits
+        [len(feeds), V] for each feed's last token (in feed order), or with `all_logits`
+        [sum of new tokens, V] for every new token (in feed order)."""
+        if not feeds:
+            raise ValueError("step() needs at least one sequence")
+        # Decodes first (kernels/paged.py); remember where each feed landed.
+        order = sorted(range(len(feeds)), key=lambda i: len(feeds[i][1]) != 1)
+        ids, pos, qlens, slens, tables = [], [], [], [], []
+        for i in order:
+            sid, new = feeds[i]
+            if not new:
+                raise ValueError(f"sequence {sid}: no new tokens to feed")
+            seq = self.seqs[sid]
+            start = len(seq.tokens)
+            need = -(-(start + len(new)) // self.page_size) - len(seq.blocks)
+            if need > 0:
+                seq.blocks += self.allocator.allocate(need)
+            seq.tokens += new
+            ids += new
+            pos += range(start, start + len(new))
+            qlens.append(len(new))
+            slens.append(len(seq.tokens))
+            tables.append(seq.blocks)
+        meta = build_metadata(qlens, slens, tables, self.page_size, all_logits=all_logits,
+                              device=self.device)
+        logits = self.model(torch.tensor(ids, device=self.device),
+                            torch.tensor(pos, device=self.device), meta)
+        # Undo the decode-first reordering.
+        starts, acc = [], 0
+        for n in qlens:
+            starts.append(acc)
+            acc += n
+        rows = []
+        inverse = {feed_i: slot for slot, feed_i in enumerate(order)}
+        for i in range(len(feeds)):
+            slot = inverse[i]
+            if all_logits:
+                rows.append(logits[starts[slot] : starts[slot] + qlens[slot]])
+            else:
+                rows.append(logits[slot : slot + 1])
+        return torch.cat(rows)
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+
+
+def sample_one(logits: torch.Tensor, params: SamplingParams, offset: int) -> int:
+    dev = logits.device
+    return int(sample(
+        logits[None].float(), torch.tensor([params.temperature], device=dev),
+        torch.tensor([params.top_k], dtype=torch.int32, device=dev),
+        torch.tensor([params.top_p], device=dev), torch.tensor([params.min_p], device=dev),
+        torch.tensor([params.seed], dtype=torch.int64, device=dev),
+        torch.tensor([offset], dtype=torch.int64, device=dev))[0])
+
+
+def generate(runner: PagedRunner, prompt_ids: list[int], params: SamplingParams,
+             prefill_chunk: int | None = None) -> list[int]:
+    """Prefill `prompt_ids` (in chunks of `prefill_chunk` tokens if given), then decode until
+    max_tokens or a stop token (which is included in the output, as HF does)."""
+    if not prompt_ids:
+        raise ValueError("the prompt is empty")
+    sid = runner.add()
+    try:
+        chunk = prefill_chunk or len(prompt_ids)
+        for i in range(0, len(prompt_ids), chunk):
+            logits = runner.step([(sid, prompt_ids[i : i + chunk])])
+        out: list[int] = []
+        while True:
+            token = sample_one(logits[0], params, len(out))
+            out.append(token)
+            if len(out) >= params.max_tokens or token in params.stop_token_ids:
+                return out
+            logits = runner.step([(sid, [token])])
+    finally:
+        runner.free(sid)
