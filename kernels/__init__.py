@@ -8,26 +8,22 @@ mla (paged MLA), moe (moe_route, moe_experts), sample. The paged KV layout: `pag
 """
 from __future__ import annotations
 
-if __name__ != "tscompile.kernels":
-    # The repository root is on sys.path and something ran `import kernels` (transformers
-    # probes for a package of that name). A second copy would re-register the custom ops
-    # and invalidate the first, so refuse loudly instead.
-    raise ImportError(
-        f"{__file__} is the package tscompile.kernels and cannot be imported as "
-        f"{__name__!r}: the repository root is on sys.path. Use the installed commands "
-        "(`pytest`, `tscompile`), not `python -m ...` from the repository root.")
-
-from .activation import silu_and_mul
-from .gqa import gqa_attention, gqa_decode, gqa_prefill
-from .moe import moe_experts, moe_route
-from .norm import fused_add_rms_norm, rms_norm
-from .paged import AttentionMetadata, build_metadata
-from .registry import REGISTRY, Query
-from .rope import rope, rope_cos_sin_cache
-from .sample import sample
+# Absolute imports on purpose: with the repository root on sys.path, a probe such as
+# transformers' `import kernels` runs this file under the name `kernels`; it must then alias
+# the canonical modules, not load second copies that would re-register every custom op.
+from tscompile.kernels.activation import silu_and_mul
+from tscompile.kernels.gqa import gqa_attention, gqa_decode, gqa_prefill
+from tscompile.kernels.mla import mla_attention, mla_decode, mla_prefill
+from tscompile.kernels.moe import moe_experts, moe_route
+from tscompile.kernels.norm import fused_add_rms_norm, rms_norm
+from tscompile.kernels.paged import AttentionMetadata, build_metadata
+from tscompile.kernels.registry import REGISTRY, Query
+from tscompile.kernels.rope import rope, rope_cos_sin_cache
+from tscompile.kernels.sample import sample
 
 __all__ = [
     "AttentionMetadata", "REGISTRY", "Query", "build_metadata", "fused_add_rms_norm",
-    "gqa_attention", "gqa_decode", "gqa_prefill", "moe_experts", "moe_route", "rms_norm",
+    "gqa_attention", "gqa_decode", "gqa_prefill", "mla_attention", "mla_decode", "mla_prefill",
+    "moe_experts", "moe_route", "rms_norm",
     "rope", "rope_cos_sin_cache", "sample", "silu_and_mul",
 ]

