@@ -5,7 +5,7 @@ D head dim, I MLP width, E experts, k experts per token, V vocabulary.
 
 Nothing here knows about ranks or parallelism: the compiler shards these modules from the
 placement annotations in the model files. Head counts appear only in weight shapes; forward
-code reshapes with -1 on the head axis so per-rank shapes need no rewriting of constants.
+code reshapes with -1 on the head axis so per-device shapes need no rewriting of constants.
 Each attention module owns a `kv_cache` buffer (non-persistent, empty until the runtime
 binds the preallocated paged cache through `kv_cache_shape()`).
 """
