@@ -90,3 +90,17 @@ def _pieces(name: str, shape: tuple[int, ...], rule: Rule, fields: dict[str, str
     if not experts:
         return [Piece(name, tuple(index), inner, key)]
     return [Piece(name, (e, *index), inner, key.replace("{E}", str(e))) for e in range(shape[0])]
+
+
+def fused_gate_up(param: str, ckpt: str) -> tuple[Rule, Rule]:
+    """`{param}.gate_up_proj.weight` = [`{ckpt}.gate_proj.weight` ; `{ckpt}.up_proj.weight`]."""
+    return (Rule(f"{param}.gate_up_proj.weight", f"{ckpt}.gate_proj.weight", part=(0, 0, 2)),
+            Rule(f"{param}.gate_up_proj.weight", f"{ckpt}.up_proj.weight", part=(0, 1, 2)))
+
+
+def stacked_experts(param: str, ckpt: str) -> tuple[Rule, Rule, Rule]:
+    """MoE expert weights `{param}.w13[e]` = [gate_e ; up_e] and `{param}.w2[e]` = down_e,
+    from one checkpoint tensor per expert `{ckpt}.experts.{E}.{gate,up,down}_proj.weight`."""
+    return (Rule(f"{param}.w13", f"{ckpt}.experts.{{E}}.gate_proj.weight", part=(0, 0, 2)),
+            Rule(f"{param}.w13", f"{ckpt}.experts.{{E}}.up_proj.weight", part=(0, 1, 2)),
+            Rule(f"{param}.w2", f"{ckpt}.experts.{{E}}.down_proj.weight"))

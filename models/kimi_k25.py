@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from tscompile.kernels import AttentionMetadata, mla_attention
-from tscompile.models.checkpoint import Rule
-from tscompile.models.layers import GatedMLP, MoE, RMSNorm, Rotary, hf_rope
+from tscompile.models.checkpoint import Rule, fused_gate_up, stacked_experts
+from tscompile.models.layers import CausalLM, GatedMLP, MoE, RMSNorm, Rotary, hf_rope
 
 
 def yarn_mscale(factor: float, mscale: float) -> float:
@@ -281,55 +281,23 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class KimiK25ForCausalLM(nn.Module):
+class KimiK25ForCausalLM(CausalLM):
     CHECKPOINT_MAP = (
-        # Routed experts: one checkpoint tensor per expert, stacked on dim 0; gate and up
-        # fused as w13 = [gate ; up].
-        Rule("layers.{L}.mlp.w13", "model.layers.{L}.mlp.experts.{E}.gate_proj.weight",
-             part=(0, 0, 2)),
-        Rule("layers.{L}.mlp.w13", "model.layers.{L}.mlp.experts.{E}.up_proj.weight",
-             part=(0, 1, 2)),
-        Rule("layers.{L}.mlp.w2", "model.layers.{L}.mlp.experts.{E}.down_proj.weight"),
+        *stacked_experts("layers.{L}.mlp", "model.layers.{L}.mlp"),       # routed experts
         Rule("layers.{L}.mlp.e_score_correction_bias",
              "model.layers.{L}.mlp.gate.e_score_correction_bias"),
-        Rule("layers.{L}.mlp.shared_experts.gate_up_proj.weight",
-             "model.layers.{L}.mlp.shared_experts.gate_proj.weight", part=(0, 0, 2)),
-        Rule("layers.{L}.mlp.shared_experts.gate_up_proj.weight",
-             "model.layers.{L}.mlp.shared_experts.up_proj.weight", part=(0, 1, 2)),
-        # Dense layers' MLP.
-        Rule("layers.{L}.mlp.gate_up_proj.weight", "model.layers.{L}.mlp.gate_proj.weight",
-             part=(0, 0, 2)),
-        Rule("layers.{L}.mlp.gate_up_proj.weight", "model.layers.{L}.mlp.up_proj.weight",
-             part=(0, 1, 2)),
+        *fused_gate_up("layers.{L}.mlp.shared_experts", "model.layers.{L}.mlp.shared_experts"),
+        *fused_gate_up("layers.{L}.mlp", "model.layers.{L}.mlp"),         # dense layers
         Rule("lm_head.weight", "lm_head.weight"),
         Rule("{*}", "model.{*}"),   # router mlp.gate.weight, attention, norms, embeddings
     )
 
     def __init__(self, config: KimiK25Config):
-        super().__init__()
-        c = self.config = config
+        c = config
         # One RoPE table for all layers, over the decoupled rope part only (dr dims).
         rotary = Rotary(c.qk_rope_head_dim, c.max_position_embeddings, c.rope_theta,
                         c.rope_scaling, interleaved=c.rope_interleave)
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)              # [V, H]
-        self.layers = nn.ModuleList(DecoderLayer(c, rotary, i) for i in range(c.num_layers))
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)         # [V, H]
-        self.tie_weights()
-
-    def tie_weights(self) -> None:
-        """Share the embedding with the LM head when configured (re-run after
-        materialising a meta model)."""
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)                      # [T, H]
-        for layer in self.layers:
-            x = layer(x, positions, meta)
-        x = self.norm(x[meta.logits_indices])                 # [S, H]
-        return self.lm_head(x)                                # [S, V]
+        super().__init__(c, [DecoderLayer(c, rotary, i) for i in range(c.num_layers)])
 
 
 MODEL = KimiK25ForCausalLM

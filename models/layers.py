@@ -144,3 +144,32 @@ def hf_rope(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     if scaling is None and kind not in (None, "default"):
         scaling = params
     return theta, (dict(scaling) if scaling else None)
+
+
+class CausalLM(nn.Module):
+    """The decoder-only shell every model file shares: embed -> layers -> final norm ->
+    LM head, logits only for `meta.logits_indices`. A subclass builds its layers (each
+    `layer(x, positions, meta) -> x`) and passes them in."""
+
+    def __init__(self, config: Any, layers: list[nn.Module]):
+        super().__init__()
+        c = self.config = config
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)            # [V, H]
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)       # [V, H]
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the LM head (re-run after materialising a meta model:
+        moving off the meta device gives every module its own tensor)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)                      # [T, H]
+        for layer in self.layers:
+            x = layer(x, positions, meta)
+        x = self.norm(x[meta.logits_indices])                 # [S, H]; norm is per token
+        return self.lm_head(x)                                # [S, V]

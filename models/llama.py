@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from tscompile.kernels import AttentionMetadata
-from tscompile.models.checkpoint import Rule
-from tscompile.models.layers import GatedMLP, GQAAttention, RMSNorm, Rotary, hf_rope
+from tscompile.models.checkpoint import Rule, fused_gate_up
+from tscompile.models.layers import CausalLM, GatedMLP, GQAAttention, RMSNorm, Rotary, hf_rope
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,39 +103,17 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     CHECKPOINT_MAP = (
-        Rule("layers.{L}.mlp.gate_up_proj.weight", "model.layers.{L}.mlp.gate_proj.weight",
-             part=(0, 0, 2)),
-        Rule("layers.{L}.mlp.gate_up_proj.weight", "model.layers.{L}.mlp.up_proj.weight",
-             part=(0, 1, 2)),
+        *fused_gate_up("layers.{L}.mlp", "model.layers.{L}.mlp"),
         Rule("lm_head.weight", "lm_head.weight"),
         Rule("{*}", "model.{*}"),
     )
 
     def __init__(self, config: LlamaConfig):
-        super().__init__()
-        c = self.config = config
+        c = config
         rotary = Rotary(c.head_dim, c.max_position_embeddings, c.rope_theta, c.rope_scaling)
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)            # [V, H]
-        self.layers = nn.ModuleList(DecoderLayer(c, rotary) for _ in range(c.num_layers))
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)       # [V, H]
-        self.tie_weights()
-
-    def tie_weights(self) -> None:
-        """Share the embedding with the LM head (re-run after materialising a meta model:
-        moving off the meta device gives every module its own tensor)."""
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)                      # [T, H]
-        for layer in self.layers:
-            x = layer(x, positions, meta)
-        x = self.norm(x[meta.logits_indices])                 # [S, H]
-        return self.lm_head(x)                                # [S, V]
+        super().__init__(c, [DecoderLayer(c, rotary) for _ in range(c.num_layers)])
 
 
 MODEL = LlamaForCausalLM

@@ -25,8 +25,10 @@ import torch
 from torch import nn
 
 from tscompile.kernels import AttentionMetadata
-from tscompile.models.checkpoint import Rule
-from tscompile.models.layers import GatedMLP, GQAAttention, MoE, RMSNorm, Rotary, hf_rope
+from tscompile.models.checkpoint import Rule, fused_gate_up, stacked_experts
+from tscompile.models.layers import (
+    CausalLM, GatedMLP, GQAAttention, MoE, RMSNorm, Rotary, hf_rope,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,47 +186,19 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class Qwen3ForCausalLM(nn.Module):
-    # HF names: dense MLPs keep separate gate/up (fused here as [gate ; up]); transformers
-    # 5's save_pretrained and the hub both write one tensor per expert, stacked here on E.
+class Qwen3ForCausalLM(CausalLM):
     CHECKPOINT_MAP = (
-        Rule("layers.{L}.mlp.gate_up_proj.weight", "model.layers.{L}.mlp.gate_proj.weight",
-             part=(0, 0, 2)),
-        Rule("layers.{L}.mlp.gate_up_proj.weight", "model.layers.{L}.mlp.up_proj.weight",
-             part=(0, 1, 2)),
-        Rule("layers.{L}.mlp.w13", "model.layers.{L}.mlp.experts.{E}.gate_proj.weight",
-             part=(0, 0, 2)),                                   # w13[e, :Im] = W1 (gate)
-        Rule("layers.{L}.mlp.w13", "model.layers.{L}.mlp.experts.{E}.up_proj.weight",
-             part=(0, 1, 2)),                                   # w13[e, Im:] = W3 (up)
-        Rule("layers.{L}.mlp.w2", "model.layers.{L}.mlp.experts.{E}.down_proj.weight"),
+        *fused_gate_up("layers.{L}.mlp", "model.layers.{L}.mlp"),         # dense layers
+        *stacked_experts("layers.{L}.mlp", "model.layers.{L}.mlp"),       # MoE layers
         Rule("layers.{L}.mlp.gate.weight", "model.layers.{L}.mlp.gate.weight"),  # router [E, H]
         Rule("lm_head.weight", "lm_head.weight"),
         Rule("{*}", "model.{*}"),
     )
 
     def __init__(self, config: Qwen3Config):
-        super().__init__()
-        c = self.config = config
+        c = config
         rotary = Rotary(c.head_dim, c.max_position_embeddings, c.rope_theta, c.rope_scaling)
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)            # [V, H]
-        self.layers = nn.ModuleList(DecoderLayer(c, i, rotary) for i in range(c.num_layers))
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)       # [V, H]
-        self.tie_weights()
-
-    def tie_weights(self) -> None:
-        """Share the embedding with the LM head (re-run after materialising a meta model:
-        moving off the meta device gives every module its own tensor)."""
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)                      # [T, H]
-        for layer in self.layers:
-            x = layer(x, positions, meta)
-        x = self.norm(x[meta.logits_indices])                 # [S, H]
-        return self.lm_head(x)                                # [S, V]
+        super().__init__(c, [DecoderLayer(c, i, rotary) for i in range(c.num_layers)])
 
 
 MODEL = Qwen3ForCausalLM
