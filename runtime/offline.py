@@ -74,19 +74,13 @@ class PagedRunner:
                               device=self.device)
         logits = self.model(torch.tensor(ids, device=self.device),
                             torch.tensor(pos, device=self.device), meta)
-        # Undo the decode-first reordering.
-        starts, acc = [], 0
-        for n in qlens:
-            starts.append(acc)
-            acc += n
-        rows = []
-        inverse = {feed_i: slot for slot, feed_i in enumerate(order)}
-        for i in range(len(feeds)):
-            slot = inverse[i]
-            if all_logits:
-                rows.append(logits[starts[slot] : starts[slot] + qlens[slot]])
-            else:
-                rows.append(logits[slot : slot + 1])
+        # Undo the decode-first reordering: batch slot j holds feed order[j].
+        if not all_logits:
+            return logits[torch.tensor(order).argsort()]
+        starts = [sum(qlens[:j]) for j in range(len(order))]
+        slot_of = {feed: j for j, feed in enumerate(order)}
+        rows = [logits[starts[slot_of[i]] : starts[slot_of[i]] + qlens[slot_of[i]]]
+                for i in range(len(feeds))]
         return torch.cat(rows)
 
 

@@ -1,9 +1,9 @@
 """Shared parity harness: our paged model vs Hugging Face `transformers` on the same weights.
 
-The oracle runs the whole sequence (prompt + greedy continuation) through HF without a
-cache; ours runs prefill (optionally chunked) and then one decode step per token through
-the paged KV cache. Logits must agree at every position within `atol` (fp32), and our greedy
-tokens must equal HF's `generate()` greedy tokens.
+The oracle is HF's greedy continuation (with its own cache) and the whole sequence run
+through HF without a cache; ours runs prefill (optionally chunked) and then one decode step
+per token through the paged KV cache. Logits must agree at every position within `atol` (fp32), and our greedy
+tokens must equal HF's greedy tokens.
 """
 from __future__ import annotations
 
@@ -15,15 +15,26 @@ from tscompile.runtime.offline import PagedRunner
 ATOL = 1e-4
 
 
-def hf_greedy(hf_model, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
-    """HF greedy continuation and HF logits at every position of prompt + continuation."""
-    ids = torch.tensor([prompt])
+def hf_greedy_tokens(hf_model, prompt: list[int], steps: int) -> list[int]:
+    """Greedy continuation with transformers' own KV cache, argmax of the raw logits at
+    every step (never stopping at, or masking, an end-of-sequence token)."""
+    out, past, ids = [], None, torch.tensor([prompt])
     with torch.no_grad():
-        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps,
-                                min_new_tokens=steps, do_sample=False, pad_token_id=0)
-        full = out[0].tolist()
-        logits = hf_model(torch.tensor([full])).logits[0].float()
-    return full[len(prompt):], logits
+        for _ in range(steps):
+            res = hf_model(ids, cache=past, use_cache=True)
+            past = res.cache
+            out.append(int(res.logits[0, -1].argmax()))
+            ids = torch.tensor([[out[-1]]])
+    return out
+
+
+def hf_greedy(hf_model, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
+    """HF greedy continuation and HF logits (no cache) at every position of
+    prompt + continuation."""
+    tokens = hf_greedy_tokens(hf_model, prompt, steps)
+    with torch.no_grad():
+        logits = hf_model(torch.tensor([prompt + tokens])).logits[0].float()
+    return tokens, logits
 
 
 def check_parity(hf_model, ckpt_dir, model_file: str, prompt: list[int], *, page_size: int,

@@ -12,29 +12,14 @@ from tscompile.runtime import load_model
 from tscompile.runtime.offline import PagedRunner, SamplingParams, generate
 from tscompile.tokenizer import Tokenizer
 
+from .parity import hf_greedy_tokens
+
 PROMPTS = [
     "What is the capital of France?",
     "Write a Python function that returns the square of a number.",
     "List three colors of the rainbow.",
 ]
 STEPS = 32
-
-
-def hf_greedy(hf, prompt_ids: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
-    """Greedy tokens with transformers' own KV cache, never stopping at EOS; and the logits
-    of the first generated position."""
-    out, past = [], None
-    ids = torch.tensor([prompt_ids])
-    first = None
-    with torch.no_grad():
-        for _ in range(steps):
-            res = hf(ids, past_key_values=past, use_cache=True)
-            past = res.past_key_values
-            logits = res.logits[0, -1]
-            first = logits if first is None else first
-            out.append(int(logits.argmax()))
-            ids = torch.tensor([[out[-1]]])
-    return out, first
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +32,9 @@ def ours(smollm2_dir):
 def test_greedy_matches_transformers(smollm2_hf, ours, prompt):
     model, tok = ours
     ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": prompt}]))
-    want, hf_first = hf_greedy(smollm2_hf, ids, STEPS)
+    want = hf_greedy_tokens(smollm2_hf, ids, STEPS)
+    with torch.no_grad():
+        hf_first = smollm2_hf(torch.tensor([ids])).logits[0, -1]
     runner = PagedRunner(model, page_size=16, num_blocks=8)
     sid = runner.add()
     first = runner.step([(sid, ids)])[0]
