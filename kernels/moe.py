@@ -101,9 +101,10 @@ def moe_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weigh
     if x.shape[-1] != h or w2.shape != (e, h, two_i // 2):
         raise ValueError(f"moe_experts: x [T, {x.shape[-1]}], w13 {list(w13.shape)} and w2 "
                          f"{list(w2.shape)} disagree (expected w2 [{e}, {h}, {two_i // 2}])")
-    if topk_ids.dim() != 2 or topk_weights.shape != topk_ids.shape or topk_ids.shape[0] != x.shape[0]:
+    t = x.shape[0]
+    if topk_ids.dim() != 2 or topk_weights.shape != topk_ids.shape or topk_ids.shape[0] != t:
         raise ValueError(f"moe_experts: topk_weights {list(topk_weights.shape)} and topk_ids "
-                         f"{list(topk_ids.shape)} must both be [T={x.shape[0]}, k]")
+                         f"{list(topk_ids.shape)} must both be [T={t}, k]")
     return dispatch("moe_experts", x, w13, w2, topk_weights, topk_ids,
                     num_experts=e, hidden=h, width=two_i // 2)
 

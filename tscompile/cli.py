@@ -23,7 +23,8 @@ def _parse_ids(text: str) -> list[int]:
     try:
         ids = [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--prompt-ids wants comma-separated integers, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--prompt-ids wants comma-separated integers, got {text!r}") from None
     if not ids:
         raise argparse.ArgumentTypeError("--prompt-ids is empty")
     return ids

@@ -89,4 +89,5 @@ def test_rope_errors():
     with pytest.raises(ValueError, match="unsupported rope scaling type 'dynamic'"):
         rope_cos_sin_cache(8, 16, 10000.0, {"rope_type": "dynamic", "factor": 2.0})
     with pytest.raises(ValueError, match="exceeds head dim"):
-        rope(torch.randn(2, 1, 4), torch.zeros(2, dtype=torch.long), rope_cos_sin_cache(8, 4, 1e4), False)
+        rope(torch.randn(2, 1, 4), torch.zeros(2, dtype=torch.long),
+             rope_cos_sin_cache(8, 4, 1e4), False)

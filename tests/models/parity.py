@@ -2,8 +2,8 @@
 
 The oracle is HF's greedy continuation (with its own cache) and the whole sequence run
 through HF without a cache; ours runs prefill (optionally chunked) and then one decode step
-per token through the paged KV cache. Logits must agree at every position within `atol` (fp32), and our greedy
-tokens must equal HF's greedy tokens.
+per token through the paged KV cache. Logits must agree at every position within `ATOL`
+(fp32), and our greedy tokens must equal HF's greedy tokens.
 """
 from __future__ import annotations
 

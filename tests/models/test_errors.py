@@ -70,7 +70,8 @@ def test_sharded_checkpoint_with_index(ckpt, tmp_path):
     for (na, ta), (nb, tb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert na == nb and torch.equal(ta, tb), na
     (out / "model-00002-of-00002.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors named by the index"):
+    with pytest.raises(FileNotFoundError,
+                       match="model-00002-of-00002.safetensors named by the index"):
         load_model("llama", weights=out)
 
 
