@@ -15,6 +15,13 @@ from tscompile.runtime.offline import PagedRunner
 ATOL = 1e-4
 
 
+def save_hf(model, tmp_path_factory, name: str):
+    """Save a transformers model as an HF checkpoint folder; returns (model, folder)."""
+    path = tmp_path_factory.mktemp(name)
+    model.save_pretrained(path)
+    return model, path
+
+
 def hf_greedy_tokens(hf_model, prompt: list[int], steps: int) -> list[int]:
     """Greedy continuation with transformers' own KV cache, argmax of the raw logits at
     every step (never stopping at, or masking, an end-of-sequence token)."""

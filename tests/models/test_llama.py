@@ -4,7 +4,7 @@ import pytest
 import torch
 import transformers
 
-from .parity import check_parity
+from .parity import check_parity, save_hf
 
 
 @pytest.fixture(scope="module")
@@ -15,9 +15,7 @@ def hf_llama(tmp_path_factory):
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
     model = transformers.LlamaForCausalLM(cfg).eval()
-    path = tmp_path_factory.mktemp("llama")
-    model.save_pretrained(path)
-    return model, path
+    return save_hf(model, tmp_path_factory, "llama")
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +30,7 @@ def hf_llama_tied_llama3(tmp_path_factory):
                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                          "original_max_position_embeddings": 32})
     model = transformers.LlamaForCausalLM(cfg).eval()
-    path = tmp_path_factory.mktemp("llama_tied")
-    model.save_pretrained(path)
-    return model, path
+    return save_hf(model, tmp_path_factory, "llama_tied")
 
 
 # Prompt lengths: 16 ends exactly on a page boundary for both page sizes; 13 does not.

@@ -14,7 +14,7 @@ from tscompile.models.checkpoint import resolve
 from tscompile.models.layers import GatedMLP, MoE
 from tscompile.models.qwen3 import CONFIG, MODEL, PRESETS, Qwen3Config
 
-from .parity import check_parity
+from .parity import check_parity, save_hf
 
 
 def _sharpen_routers(model, std: float) -> None:
@@ -25,12 +25,6 @@ def _sharpen_routers(model, std: float) -> None:
             if isinstance(layer.mlp, transformers.models.qwen3_moe.modeling_qwen3_moe
                           .Qwen3MoeSparseMoeBlock):
                 layer.mlp.gate.weight.normal_(0.0, std)
-
-
-def _save(model, tmp_path_factory, name):
-    path = tmp_path_factory.mktemp(name)
-    model.save_pretrained(path)
-    return model, path
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +41,7 @@ def hf_dense(tmp_path_factory):
         for layer in model.model.layers:
             layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
             layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
-    return _save(model, tmp_path_factory, "qwen3")
+    return save_hf(model, tmp_path_factory, "qwen3")
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +55,7 @@ def hf_moe(tmp_path_factory):
         decoder_sparse_step=1, mlp_only_layers=[1], rope_theta=1000000.0)
     model = transformers.Qwen3MoeForCausalLM(cfg).eval()
     _sharpen_routers(model, 0.3)
-    return _save(model, tmp_path_factory, "qwen3_moe")
+    return save_hf(model, tmp_path_factory, "qwen3_moe")
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +71,7 @@ def hf_moe_sparse_step(tmp_path_factory):
         rope_parameters={"rope_type": "default", "rope_theta": 50000.0})
     model = transformers.Qwen3MoeForCausalLM(cfg).eval()
     _sharpen_routers(model, 0.3)
-    return _save(model, tmp_path_factory, "qwen3_moe_step")
+    return save_hf(model, tmp_path_factory, "qwen3_moe_step")
 
 
 def _prompt(n: int, vocab: int, seed: int) -> list[int]:
