@@ -12,6 +12,9 @@ from __future__ import annotations
 # transformers' `import kernels` runs this file under the name `kernels`; it must then alias
 # the canonical modules, not load second copies that would re-register every custom op.
 from tscompile.kernels.activation import silu_and_mul
+from tscompile.kernels.collectives import (
+    all_gather, all_reduce, all_reduce_add_rms_norm, all_to_all, reduce_scatter,
+)
 from tscompile.kernels.gqa import gqa_attention, gqa_decode, gqa_prefill
 from tscompile.kernels.mla import mla_attention, mla_decode, mla_prefill
 from tscompile.kernels.moe import moe_experts, moe_route
@@ -22,7 +25,8 @@ from tscompile.kernels.rope import rope, rope_cos_sin_cache
 from tscompile.kernels.sample import sample
 
 __all__ = [
-    "AttentionMetadata", "REGISTRY", "Query", "build_metadata", "fused_add_rms_norm",
+    "AttentionMetadata", "REGISTRY", "Query", "all_gather", "all_reduce",
+    "all_reduce_add_rms_norm", "all_to_all", "build_metadata", "fused_add_rms_norm",
     "gqa_attention", "gqa_decode", "gqa_prefill", "mla_attention", "mla_decode", "mla_prefill",
     "moe_experts", "moe_route", "rms_norm",
     "rope", "rope_cos_sin_cache", "sample", "silu_and_mul",

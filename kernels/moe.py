@@ -12,9 +12,14 @@ Legend: T tokens, H hidden, E experts, I expert width, k experts per token.
       the sum of its two best choice scores, only the best `topk_groups` groups compete;
       top-k by choice score, but the weights are the *uncorrected* s, optionally renormalised,
       times `routed_scaling_factor`.
-* `tscompile::moe_experts(x [T, H], w13 [E, 2I, H], w2 [E, H, I], weights [T, k], ids [T, k])
-  -> [T, H]`: out[t] = sum_j weights[t, j] * W2[e] (silu(W1[e] x) * W3[e] x), e = ids[t, j],
-  with w13[e] = [W1 (gate) ; W3 (up)] stacked on dim 1.
+* `tscompile::moe_experts(x [T, H], w13 [E, 2I, H], w2 [E, H, I], weights [T, k], ids [T, k],
+  expert_start=0) -> [T, H]`: out[t] = sum_j weights[t, j] * W2[e] (silu(W1[e] x) * W3[e] x),
+  e = ids[t, j], with w13[e] = [W1 (gate) ; W3 (up)] stacked on dim 1.
+  Expert parallelism: w13/w2 may hold only the experts [expert_start, expert_start + E) of a
+  larger global set (E is then the local count); ids stay global, and a (token, expert) pair
+  whose expert is not held here contributes nothing. The output is then this rank's partial
+  sum (placement P): summed over the ranks that together hold every expert, it equals the
+  single-device result.
   Napkin math at decode: every touched expert's 3*I*H weights are read once; with T*k >> E
   all E experts are touched, so bytes ~ 3*E*I*H*elem: bound by reading weights.
 """
@@ -52,12 +57,13 @@ def moe_route_reference(router_logits, correction_bias, top_k, scoring, renormal
 
 
 @register("moe_experts", "reference")
-def moe_experts_reference(x, w13, w2, topk_weights, topk_ids):
+def moe_experts_reference(x, w13, w2, topk_weights, topk_ids, expert_start=0):
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    flat_ids = topk_ids.reshape(-1).long()
+    flat_ids = topk_ids.reshape(-1).long() - expert_start           # local expert ids
     token_of = torch.arange(x.shape[0], device=x.device).repeat_interleave(topk_ids.shape[1])
     flat_w = topk_weights.reshape(-1).float()
-    for e in torch.unique(flat_ids).tolist():
+    held = (flat_ids >= 0) & (flat_ids < w13.shape[0])              # experts held here
+    for e in torch.unique(flat_ids[held]).tolist():
         sel = (flat_ids == e).nonzero().squeeze(1)
         tokens = token_of[sel]
         h = F.linear(x[tokens], w13[e])                    # [n, 2I]
@@ -96,8 +102,11 @@ def _(router_logits, correction_bias, top_k, scoring, renormalize, num_groups, t
 
 @torch.library.custom_op("tscompile::moe_experts", mutates_args=())
 def moe_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                topk_ids: torch.Tensor) -> torch.Tensor:
+                topk_ids: torch.Tensor, expert_start: int = 0) -> torch.Tensor:
     e, two_i, h = w13.shape
+    if expert_start < 0:
+        raise ValueError(f"moe_experts: expert_start={expert_start} must be >= 0 (the global id "
+                         f"of w13[0]; w13/w2 hold experts [expert_start, expert_start + {e}))")
     if x.shape[-1] != h or w2.shape != (e, h, two_i // 2):
         raise ValueError(f"moe_experts: x [T, {x.shape[-1]}], w13 {list(w13.shape)} and w2 "
                          f"{list(w2.shape)} disagree (expected w2 [{e}, {h}, {two_i // 2}])")
@@ -105,10 +114,10 @@ def moe_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weigh
     if topk_ids.dim() != 2 or topk_weights.shape != topk_ids.shape or topk_ids.shape[0] != t:
         raise ValueError(f"moe_experts: topk_weights {list(topk_weights.shape)} and topk_ids "
                          f"{list(topk_ids.shape)} must both be [T={t}, k]")
-    return dispatch("moe_experts", x, w13, w2, topk_weights, topk_ids,
+    return dispatch("moe_experts", x, w13, w2, topk_weights, topk_ids, expert_start,
                     num_experts=e, hidden=h, width=two_i // 2)
 
 
 @moe_experts.register_fake
-def _(x, w13, w2, topk_weights, topk_ids):
+def _(x, w13, w2, topk_weights, topk_ids, expert_start=0):
     return torch.empty_like(x)

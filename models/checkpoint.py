@@ -12,7 +12,8 @@ the name". A parameter may be assembled from several checkpoint tensors:
 Rules sharing a parameter pattern all contribute; the first pattern that matches a parameter
 name wins, so specific rules come before the catch-all `Rule("{*}", "model.{*}")`.
 `resolve()` turns a model and its map into `Piece`s: (parameter, destination index,
-checkpoint key). The loader reads pieces; the compiler's sharding plan slices them.
+checkpoint key). The loader reads pieces; `plan_pieces()` turns them into the sharding
+plan's explicit regions (`tscompile.plan.CheckpointPiece`), which `runtime/shards.py` slices.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from tscompile.plan import CheckpointPiece
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,3 +107,42 @@ def stacked_experts(param: str, ckpt: str) -> tuple[Rule, Rule, Rule]:
     return (Rule(f"{param}.w13", f"{ckpt}.experts.{{E}}.gate_proj.weight", part=(0, 0, 2)),
             Rule(f"{param}.w13", f"{ckpt}.experts.{{E}}.up_proj.weight", part=(0, 1, 2)),
             Rule(f"{param}.w2", f"{ckpt}.experts.{{E}}.down_proj.weight"))
+
+
+def plan_pieces(pieces: list[Piece],
+                shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[CheckpointPiece, ...]]:
+    """`resolve()`'s pieces as the sharding plan's `CheckpointPiece`s, grouped by parameter
+    (in `pieces` order): every index entry becomes an explicit (start, stop) over the
+    parameter's global shape `shapes[param]`, so the plan can be sliced without knowing
+    the rule that made it; an int entry (a stacked expert) becomes (i, i + 1) and is listed
+    in `squeeze` because the checkpoint tensor has no such dim."""
+    out: dict[str, list[CheckpointPiece]] = {}
+    for p in pieces:
+        if p.param not in shapes:
+            raise KeyError(f"plan_pieces: no shape given for parameter {p.param} "
+                           f"(piece {p.ckpt!r}); pass shapes for every resolved parameter")
+        shape = tuple(shapes[p.param])
+        if len(p.index) != len(shape):
+            raise ValueError(f"plan_pieces: piece {p.ckpt!r} indexes {len(p.index)} dims of "
+                             f"parameter {p.param} with shape {list(shape)}")
+        region: list[tuple[int, int]] = []
+        squeeze: list[int] = []
+        for d, (i, size) in enumerate(zip(p.index, shape)):
+            if isinstance(i, int):
+                region.append((i, i + 1))
+                squeeze.append(d)
+            else:
+                start, stop, step = i.indices(size)
+                if step != 1:
+                    raise ValueError(f"plan_pieces: piece {p.ckpt!r} of {p.param} uses a "
+                                     f"strided index on dim {d}; regions must be contiguous")
+                region.append((start, stop))
+        # The region must agree with the checkpoint shape resolve() expects, or the plan
+        # and the single-device loader would disagree about the same tensor.
+        spans = tuple(b - a for d, (a, b) in enumerate(region) if d not in squeeze)
+        if spans != tuple(p.shape):
+            raise ValueError(f"plan_pieces: piece {p.ckpt!r} of {p.param} spans {list(spans)} "
+                             f"but its checkpoint shape is {list(p.shape)}")
+        out.setdefault(p.param, []).append(
+            CheckpointPiece(p.ckpt, tuple(region), tuple(squeeze)))
+    return {k: tuple(v) for k, v in out.items()}

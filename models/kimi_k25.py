@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tscompile.annotations import Partial, Replicate, placement
 from tscompile.kernels import AttentionMetadata, mla_attention
 from tscompile.models.checkpoint import Rule, fused_gate_up, stacked_experts
 from tscompile.models.layers import CausalLM, GatedMLP, MoE, RMSNorm, Rotary, hf_rope
@@ -209,6 +210,7 @@ PRESETS: dict[str, KimiK25Config] = {
 }
 
 
+@placement(inputs=Replicate(), outputs=Partial(), group="attn")
 class MLAAttention(nn.Module):
     """Multi-head latent attention. Caches [c ; k_pe] (L + dr per token, shared by all
     heads); kv_b_proj is handed to the kernel as per-head views W_UK [Nh, dn, L] and

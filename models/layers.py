@@ -3,8 +3,10 @@
 Legend: T tokens in the step (flat batch), H hidden size, Hq query heads, Hkv KV heads,
 D head dim, I MLP width, E experts, k experts per token, V vocabulary.
 
-Nothing here knows about ranks or parallelism: the compiler shards these modules from the
-placement annotations in the model files. Head counts appear only in weight shapes; forward
+Nothing here knows about ranks or parallelism: each annotated module takes a replicated
+input and returns a partial sum (`@placement(inputs=R, outputs=P)`), and the compiler finds
+the weight shardings that make that need no communication inside (column/row-parallel
+projections, heads, expert width or whole experts). Head counts appear only in weight shapes; forward
 code reshapes with -1 on the head axis so per-device shapes need no rewriting of constants.
 Each attention module owns a `kv_cache` buffer (non-persistent, empty until the runtime
 binds the preallocated paged cache through `kv_cache_shape()`).
@@ -16,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tscompile.annotations import Partial, Replicate, placement
 from tscompile.kernels import (
     AttentionMetadata, gqa_attention, moe_experts, moe_route, rms_norm, rope, rope_cos_sin_cache,
     silu_and_mul,
@@ -57,6 +60,7 @@ class Rotary(nn.Module):
         return rope(x, positions, self.cos_sin_cache, self.interleaved)
 
 
+@placement(inputs=Replicate(), outputs=Partial(), group="dense")
 class GatedMLP(nn.Module):
     """SwiGLU MLP: down(silu(gate x) * up x), gate and up fused as [gate ; up]."""
 
@@ -69,6 +73,7 @@ class GatedMLP(nn.Module):
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
+@placement(inputs=Replicate(), outputs=Partial(), group="attn")
 class GQAAttention(nn.Module):
     """Grouped-query attention with RoPE and an optional per-head QK RMSNorm (Qwen3)."""
 
@@ -103,6 +108,7 @@ class GQAAttention(nn.Module):
         return self.o_proj(o.view(t, -1))
 
 
+@placement(inputs=Replicate(), outputs=Partial(), group="moe", experts=("w13", "w2"))
 class MoE(nn.Module):
     """Routed experts (+ optional shared experts). Routing options: `kernels/moe.py`."""
 

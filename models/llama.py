@@ -70,7 +70,7 @@ class LlamaConfig:
 
 PRESETS: dict[str, LlamaConfig] = {
     "tiny": LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
-                        num_heads=4, num_kv_heads=2, max_position_embeddings=512,
+                        num_heads=8, num_kv_heads=4, max_position_embeddings=512,
                         rope_theta=10000.0),
     # HuggingFaceTB/SmolLM2-135M-Instruct
     "smollm2-135m": LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,

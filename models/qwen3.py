@@ -137,11 +137,11 @@ class Qwen3Config:
 
 PRESETS: dict[str, Qwen3Config] = {
     "tiny": Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
-                        num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=512,
+                        num_heads=8, num_kv_heads=4, head_dim=16, max_position_embeddings=512,
                         tie_word_embeddings=True),
     # Layer 0 dense, layers 1-2 MoE: both MLP kinds in one small model.
     "tiny-moe": Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=3,
-                            num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=512,
+                            num_heads=8, num_kv_heads=4, head_dim=16, max_position_embeddings=512,
                             num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
                             norm_topk_prob=True, mlp_only_layers=(0,)),
     # Qwen/Qwen3-0.6B config.json (hub, transformers 4.51): ~0.6e9 params, tied.

@@ -29,8 +29,11 @@ class PagedRunner:
         self.model = model
         self.page_size = page_size
         self.device = torch.device(device)
-        dtype = dtype or next(model.parameters()).dtype
-        bind_kv_caches(model, num_blocks, page_size, dtype=dtype, device=self.device)
+        dtype = dtype or getattr(model, "dtype", None) or next(model.parameters()).dtype
+        if hasattr(model, "bind_kv_caches"):      # a compiled program (runtime/program.py)
+            model.bind_kv_caches(num_blocks, page_size, dtype=dtype, device=self.device)
+        else:
+            bind_kv_caches(model, num_blocks, page_size, dtype=dtype, device=self.device)
         self.allocator = BlockAllocator(num_blocks)
         self.seqs: dict[int, Sequence] = {}
         self._next_id = 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import zlib
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -112,15 +111,14 @@ def _fmt_index(index: tuple) -> str:
 @torch.no_grad()
 def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
     """Deterministic random weights at a sensible scale, a pure function of (seed, name):
-    matrices ~ N(0, 1/fan_in) (activations keep unit scale through the stack), norm weights 1,
-    biases and router correction biases small."""
+    matrices ~ N(0, 1/fan_in) with fan_in = shape[-1] (activations keep unit scale through
+    the stack), 1-D norm weights 1, other 1-D tensors (biases, router correction biases)
+    N(0, 1) * 0.02, each tensor from one generator seeded by (seed, name). Tensors with
+    >= 3 dims (stacked experts) are drawn slab by slab along dim 0, slab i from a generator
+    seeded by (seed, name, i), so a tensor-parallel rank can draw just its slabs and still
+    get exactly the slice of these values (`runtime/shards.py: dummy_values`, the rule's one
+    implementation, shared by both paths)."""
+    # Imported here: shards.py imports this module (Checkpoint) at its top.
+    from tscompile.runtime.shards import dummy_values
     for name, t in sorted(loadable_tensors(model).items()):
-        gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode()))
-                                            & 0x7FFF_FFFF_FFFF_FFFF)
-        if t.dim() == 1 and "norm" in name:
-            t.fill_(1.0)
-        elif t.dim() == 1:
-            t.copy_(torch.randn(t.shape, generator=gen) * 0.02)
-        else:
-            fan_in = t.shape[-1]
-            t.copy_(torch.randn(t.shape, generator=gen) * fan_in ** -0.5)
+        t.copy_(dummy_values(name, tuple(t.shape), seed))

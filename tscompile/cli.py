@@ -1,6 +1,7 @@
-"""The `tscompile` command line: `generate` (offline generation on the paged reference path)
-and `import-gguf` (a llama.cpp GGUF -> Hugging Face folder). `build`, `inspect` and `export`
-arrive with the compiler (DESIGN.md §Compile).
+"""The `tscompile` command line: `build` (model file -> .tsprog), `inspect` (its summary),
+`export` (its per-rank graph as ONNX), `generate` (offline generation: on one device from a
+model file, or with a compiled .tsprog on its world of CPU processes) and `import-gguf` (a
+llama.cpp GGUF -> Hugging Face folder). DESIGN.md §Compile.
 
 Defaults come from the dataclasses they configure (`SamplingParams`), not from literals here.
 """
@@ -31,8 +32,10 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="prefill + paged decode on one device (the reference path)")
-    p.add_argument("model", help="model file (models/llama.py), name (llama, qwen3, kimi_k25)")
+    p = sub.add_parser("generate", help="prefill + paged decode: a model on one device (the "
+                                        "reference path) or a compiled .tsprog on its ranks")
+    p.add_argument("model", help="model file (models/llama.py), name (llama, qwen3, kimi_k25) "
+                                 "or a compiled program (out.tsprog)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", help="a preset of the model file (e.g. smollm2-135m, tiny)")
     src.add_argument("--config", help="a Hugging Face config.json (file or folder)")
@@ -76,9 +79,17 @@ def _generate(args: argparse.Namespace) -> int:
         if args.chat:
             raise ValueError("--chat needs --prompt text")
         prompt_ids = args.prompt_ids
-    model, cfg = load_model(args.model, preset=args.preset, config=args.config,
-                            weights=args.weights, dummy_weights=args.dummy_weights,
-                            seed=args.seed, dtype=_DTYPES[args.dtype])
+    compiled = str(args.model).endswith(".tsprog")
+    if compiled:
+        if args.preset or args.config:
+            raise ValueError("a .tsprog already fixes its model config; drop --preset/--config")
+        from tscompile.runtime.program import model_config
+        from tscompile.tsprog import read_tsprog
+        cfg = model_config(read_tsprog(args.model))
+    else:
+        model, cfg = load_model(args.model, preset=args.preset, config=args.config,
+                                weights=args.weights, dummy_weights=args.dummy_weights,
+                                seed=args.seed, dtype=_DTYPES[args.dtype])
     vocab = cfg.vocab_size
     if bad := [i for i in prompt_ids if not 0 <= i < vocab]:
         raise ValueError(f"prompt token id {bad[0]} outside the vocabulary [0, {vocab})")
@@ -87,10 +98,16 @@ def _generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                             stop_token_ids=stop)
-    max_len = len(prompt_ids) + args.max_tokens
-    runner = PagedRunner(model, page_size=args.page_size,
-                         num_blocks=-(-max_len // args.page_size) + 1)
-    out = generate(runner, prompt_ids, params)
+    if compiled:
+        from tscompile.runtime.distributed import generate_compiled
+        out = generate_compiled(args.model, prompt_ids, params, weights=args.weights,
+                                dummy_seed=args.seed if args.dummy_weights else None,
+                                dtype=_DTYPES[args.dtype], page_size=args.page_size)
+    else:
+        max_len = len(prompt_ids) + args.max_tokens
+        runner = PagedRunner(model, page_size=args.page_size,
+                             num_blocks=-(-max_len // args.page_size) + 1)
+        out = generate(runner, prompt_ids, params)
     text = tokenizer.decode(out) if tokenizer else ""
     if args.json:
         print(json.dumps({"prompt_ids": prompt_ids, "output_ids": out, "text": text}))
@@ -120,14 +137,79 @@ def _import_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_build(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("build", help="compile a model file into a tensor/expert-parallel .tsprog")
+    p.add_argument("model", help="model file (models/kimi_k25.py) or name (llama, qwen3, kimi_k25)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", help="a preset of the model file (e.g. kimi-k2.5, tiny)")
+    src.add_argument("--config", help="a Hugging Face config.json (file or folder)")
+    p.add_argument("--tp", type=int, default=1, help="world size; every axis's default degree")
+    p.add_argument("--attn-tp", type=int, help="attention tensor parallel degree (1 or --tp)")
+    moe = p.add_mutually_exclusive_group()
+    moe.add_argument("--moe-tp", type=int, help="MoE tensor parallel degree (1 or --tp)")
+    moe.add_argument("--moe-ep", type=int, help="MoE expert parallel degree (1 or --tp)")
+    p.add_argument("-o", "--output", required=True, help="output .tsprog")
+    p.add_argument("--dump", help="also write the graph after every pass to this folder "
+                                  "(same as TSCOMPILE_DUMP)")
+
+
+def _build(args: argparse.Namespace) -> int:
+    from tscompile.annotations import Mesh
+    from tscompile.build import build
+    from tscompile.report import format_summary, summary
+    from tscompile.tsprog import read_tsprog
+
+    mesh = Mesh.build(args.tp, attn_tp=args.attn_tp, moe_tp=args.moe_tp, moe_ep=args.moe_ep)
+    out = build(args.model, mesh=mesh, preset=args.preset, config=args.config,
+                dump_dir=args.dump).save(args.output)
+    print(format_summary(summary(read_tsprog(out))))
+    print(f"wrote {out}")
+    return 0
+
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="summarise a .tsprog: mesh, bytes per rank, collectives")
+    p.add_argument("program", help="a .tsprog")
+    p.add_argument("--json", action="store_true", help="machine-readable summary")
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from tscompile.report import format_summary, summary
+    from tscompile.tsprog import read_tsprog
+
+    s = summary(read_tsprog(args.program))
+    print(json.dumps(s, indent=1) if args.json else format_summary(s))
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a .tsprog's per-rank graph as ONNX (for viewers)")
+    p.add_argument("program", help="a .tsprog")
+    p.add_argument("--onnx", required=True, help="output .onnx")
+    p.add_argument("--rank", type=int, default=0, help="which rank's graph")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from tscompile.onnx_export import export_onnx
+
+    out = export_onnx(args.program, args.onnx, rank=args.rank)
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tscompile", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_build(sub)
+    _add_inspect(sub)
+    _add_export(sub)
     _add_generate(sub)
     _add_import_gguf(sub)
     args = parser.parse_args(argv)
+    commands = {"build": _build, "inspect": _inspect, "export": _export,
+                "generate": _generate, "import-gguf": _import_gguf}
     try:
-        return {"generate": _generate, "import-gguf": _import_gguf}[args.command](args)
+        return commands[args.command](args)
     except (ValueError, KeyError, FileNotFoundError) as e:
         # User errors (bad preset, missing tensor, bad config): one clear line, no traceback.
         print(f"error: {e}", file=sys.stderr)

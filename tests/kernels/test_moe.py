@@ -244,3 +244,52 @@ def test_moe_experts_routing_shapes_must_agree():
     ids = torch.zeros(3, 2, dtype=torch.int32)
     with pytest.raises(ValueError, match=r"topk_weights \[3, 1\] and topk_ids \[3, 2\]"):
         moe_experts(x, w13, w2, torch.ones(3, 1), ids)
+
+
+# ---------------------------------------------------------------------------------------
+# Expert parallelism: w13/w2 hold experts [expert_start, expert_start + E_local)
+
+def _routing(scoring: str, num_tokens: int, num_experts: int, k: int):
+    logits = torch.randn(num_tokens, num_experts) * 2
+    if scoring == "softmax":
+        return moe_route(logits, None, k, "softmax", True, 1, 1, 1.0)
+    # DeepSeek-V3 style: 4 groups, the best 2 compete, biased choice, scaled weights.
+    return moe_route(logits, torch.randn(num_experts) * 0.5, k, "sigmoid", True, 4, 2, 2.5)
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_experts_split_over_ranks_sum_to_full(scoring, ranks):
+    num_tokens, num_experts, k, hidden, width = 11, 16, 4, 24, 20
+    x = torch.randn(num_tokens, hidden)
+    w13, w2 = _expert_weights(num_experts, hidden, width)
+    weights, ids = _routing(scoring, num_tokens, num_experts, k)
+    full = moe_experts(x, w13, w2, weights, ids)
+    local = num_experts // ranks
+    parts = []
+    for start in range(0, num_experts, local):
+        part = moe_experts(x, w13[start:start + local], w2[start:start + local], weights, ids,
+                           start)
+        # This rank's partial sum: only the (token, expert) pairs whose expert it holds.
+        held = (ids >= start) & (ids < start + local)
+        torch.testing.assert_close(part.double(),
+                                   experts_dense(x, w13, w2, weights * held, ids),
+                                   rtol=1e-5, atol=1e-5)
+        parts.append(part)
+    torch.testing.assert_close(sum(parts), full, rtol=0, atol=1e-5)
+
+
+def test_experts_with_no_local_tokens_give_zeros():
+    w13, w2 = _expert_weights(2, 8, 4)
+    ids = torch.tensor([[0, 1], [1, 5]], dtype=torch.int32)   # nothing in [2, 4) or [6, 8)
+    weights = torch.rand(2, 2)
+    for start in (2, 6):
+        out = moe_experts(torch.randn(2, 8), w13, w2, weights, ids, start)
+        assert torch.equal(out, torch.zeros(2, 8))
+
+
+def test_experts_reject_negative_expert_start():
+    w13, w2 = _expert_weights(4, 8, 4)
+    with pytest.raises(ValueError, match=r"moe_experts: expert_start=-4 must be >= 0"):
+        moe_experts(torch.randn(2, 8), w13, w2, torch.ones(2, 1),
+                    torch.zeros(2, 1, dtype=torch.int32), -4)

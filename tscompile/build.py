@@ -1,0 +1,173 @@
+"""The build pipeline: model file -> passes -> program.py + manifest -> `.tsprog`.
+
+    load (meta device) -> trace -> propagate -> insert_collectives -> localize -> fuse
+    -> verify -> codegen -> pack
+
+Every pass is timed; with TSCOMPILE_DUMP=dir (or `dump_dir`) the graph after each pass is
+written as dir/NN_<pass>.txt with placements beside nodes, and always packed into the
+.tsprog under dumps/. No weights and no GPU are needed: the model lives on the meta device.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable
+
+import torch
+
+from tscompile import envs
+from tscompile.annotations import Mesh
+from tscompile.codegen import graph_json, render_program
+from tscompile.models import build_config, load_model_file
+from tscompile.models.checkpoint import Rule, loadable_tensors, plan_pieces, resolve
+from tscompile.passes.collectives import insert_collectives
+from tscompile.passes.fuse import fuse
+from tscompile.passes.ir import Stage, dump
+from tscompile.passes.localize import localize
+from tscompile.passes.propagate import propagate
+from tscompile.passes.trace import trace
+from tscompile.passes.verify import verify
+from tscompile.plan import ParamPlan
+from tscompile.runtime.kv_cache import attention_modules, bind_kv_caches
+from tscompile.tsprog import FORMAT_VERSION, write_tsprog
+
+log = logging.getLogger(__name__)
+
+PASSES: tuple[tuple[str, Callable[[Stage], Stage]], ...] = (
+    ("trace", trace), ("propagate", propagate), ("insert_collectives", insert_collectives),
+    ("localize", localize), ("fuse", fuse), ("verify", verify))
+
+
+@dataclass
+class Built:
+    stage: Stage
+    manifest: dict[str, Any]
+    files: dict[str, str] = field(default_factory=dict)   # program.py, model.py, dumps/*
+
+    def save(self, path: str | Path) -> Path:
+        return write_tsprog(path, self.manifest, self.files)
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def _kinds(model: torch.nn.Module) -> dict[str, str]:
+    kinds = {}
+    persistent = loadable_tensors(model)
+    for name, _ in model.named_parameters():
+        kinds[name] = "param"
+    for name, _ in model.named_buffers():
+        kinds.setdefault(name, "buffer" if name in persistent else "derived")
+    for name, _ in attention_modules(model):
+        kinds[f"{name}.kv_cache" if name else "kv_cache"] = "kv_cache"
+    return kinds
+
+
+def _plan(stage: Stage, module: ModuleType) -> dict[str, ParamPlan]:
+    model = stage.model
+    rules = getattr(module.MODEL, "CHECKPOINT_MAP", (Rule("{*}", "{*}"),))
+    tensors = loadable_tensors(model)
+    pieces = plan_pieces(resolve(model, rules), {k: tuple(v.shape) for k, v in tensors.items()})
+    kinds = _kinds(model)
+    all_tensors = dict(model.named_parameters())
+    all_tensors.update(dict(model.named_buffers()))
+    plans = {}
+    for name, p in stage.facts["param_placements"].items():
+        t = all_tensors[name]
+        dim = getattr(p, "dim", None)
+        plans[name] = ParamPlan(name, tuple(t.shape), _dtype_name(t), kinds[name], dim,
+                                getattr(p, "chunks", 1), pieces.get(name, ()))
+    return plans
+
+
+def _kv_layout(model: torch.nn.Module, plans: dict[str, ParamPlan], world: int
+               ) -> dict[str, Any]:
+    """Per layer: the cache shape with 'num_blocks'/'page_size' in place, the sharded dim,
+    and elements per token per rank."""
+    layers, per_token = [], 0
+    for name, m in attention_modules(model):
+        a, b = m.kv_cache_shape(5, 7), m.kv_cache_shape(11, 13)
+        shape = ["num_blocks" if (x, y) == (5, 11) else "page_size" if (x, y) == (7, 13) else x
+                 for x, y in zip(a, b)]
+        key = f"{name}.kv_cache"
+        dim = plans[key].dim if key in plans else None
+        elems = 1
+        for i, s in enumerate(shape):
+            if isinstance(s, int):
+                elems *= s // world if i == dim else s
+        per_token += elems
+        layers.append({"name": key, "shape": shape, "dim": dim, "elements_per_token": elems})
+    return {"layers": layers, "elements_per_token_per_rank": per_token,
+            "bytes_per_token_per_rank": {"bfloat16": per_token * 2, "float32": per_token * 4}}
+
+
+def build(model: str | Path, *, mesh: Mesh, preset: str | None = None,
+          config: str | Path | dict[str, Any] | None = None,
+          dump_dir: str | Path | None = None) -> Built:
+    module = load_model_file(model)
+    cfg = build_config(module, preset=preset, config=config)
+    with torch.device("meta"):
+        net = module.MODEL(cfg).eval()
+    bind_kv_caches(net, 4, 4, dtype=torch.float32, device="meta")
+    stage = Stage(None, mesh, net, cfg)          # type: ignore[arg-type]
+    dump_dir = dump_dir or envs.TSCOMPILE_DUMP.get() or None
+    timings, dumps = [], {}
+    for i, (name, fn) in enumerate(PASSES):
+        t0 = time.perf_counter()
+        stage = fn(stage)
+        timings.append({"pass": name, "seconds": round(time.perf_counter() - t0, 4)})
+        text = dump(stage)
+        dumps[f"dumps/{i:02d}_{name}.txt"] = text
+        if dump_dir:
+            Path(dump_dir).mkdir(parents=True, exist_ok=True)
+            (Path(dump_dir) / f"{i:02d}_{name}.txt").write_text(text)
+        log.info("pass %s: %.3f s", name, timings[-1]["seconds"])
+    plans = _plan(stage, module)
+    world = mesh.world_size
+    for p in plans.values():
+        p.check(world)
+    kv = _kv_layout(net, plans, world)
+    label = Path(str(model)).stem
+    program = render_program(stage, title=f"{label} ({preset or 'config'}) on "
+                             f"{mesh.describe()}", model=f"{module.__name__}",
+                             format_version=FORMAT_VERSION)
+    param_elems = sum(_numel(p.local_shape(world)) for p in plans.values()
+                      if p.kind in ("param", "buffer"))
+    manifest = {
+        "model": {"name": label, "module": module.__name__, "class": module.MODEL.__name__,
+                  "preset": preset, "config": dataclasses.asdict(cfg)},
+        "mesh": dict(mesh.to_json(), description=mesh.describe()),
+        "tensors": {n: p.to_json() for n, p in plans.items()},
+        "kv_cache": kv,
+        "param_elements_per_rank": param_elems,
+        "param_bytes_per_rank": {"bfloat16": param_elems * 2, "float32": param_elems * 4},
+        "schedule": stage.facts["schedule"],
+        "collectives_per_layer": _per_layer(stage.facts["schedule"]),
+        "fused_all_reduce_norm": stage.facts.get("fused_all_reduce_norm", 0),
+        "passes": timings,
+        "inputs": ["input_ids [T] int64", "positions [T] int64", "meta: AttentionMetadata"],
+    }
+    files = {"program.py": program, "model.py": Path(module.__file__).read_text(),
+             "graph.json": json.dumps(graph_json(stage), indent=None), **dumps}
+    return Built(stage, manifest, files)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _per_layer(schedule: list[dict[str, Any]]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for c in schedule:
+        key = "top" if c["layer"] is None else str(c["layer"])
+        out.setdefault(key, []).append(f"{c['kind']} {c['from']}->{c['to']} @ {c['scope']}")
+    return out
