@@ -9,6 +9,7 @@ forward happens in the runtime, on this same code.
 from __future__ import annotations
 
 import builtins
+import importlib
 import operator
 import re
 from pathlib import Path
@@ -29,20 +30,23 @@ _LAYER = re.compile(r"^(layers\.\d+)")
 
 
 def _target(fn: Any) -> str:
+    """A dotted name that resolves back to `fn` in the generated module."""
     if isinstance(fn, torch._ops.OpOverload):
         ns, _, name = fn._schema.name.partition("::")
         return f"torch.ops.{ns}.{name}.{fn._overloadname}"
-    mod = getattr(fn, "__module__", None)
-    name = getattr(fn, "__qualname__", getattr(fn, "__name__", None))
-    if mod in (None, "builtins") or getattr(builtins, name or "", None) is fn:
-        return name
-    if mod == "_operator":
-        mod = "operator"
-    if mod == "torch._C._nn":
-        mod = "torch._C._nn"
-    if not mod.startswith(("torch", "operator")):
-        raise ValueError(f"codegen: cannot name {fn!r} (module {mod}) in generated code")
-    return f"{mod}.{name}"
+    mod = getattr(fn, "__module__", None) or "builtins"
+    mod = {"_operator": "operator"}.get(mod, mod)
+    for name in dict.fromkeys((getattr(fn, "__name__", None), getattr(fn, "__qualname__", None))):
+        if not name:
+            continue
+        if mod == "builtins" and getattr(builtins, name, None) is fn:
+            return name
+        obj = importlib.import_module(mod) if mod.startswith(("torch", "operator")) else None
+        for part in name.split("."):
+            obj = getattr(obj, part, None)
+        if obj is fn:
+            return f"{mod}.{name}"
+    raise ValueError(f"codegen: cannot name {fn!r} (module {mod}) in generated code")
 
 
 class _Names:
@@ -63,6 +67,8 @@ class _Names:
             return f"({inner},)" if len(a) == 1 else f"({inner})"
         if isinstance(a, dict):
             return "{" + ", ".join(f"{k!r}: {self.arg(v)}" for k, v in a.items()) + "}"
+        if isinstance(a, slice):
+            return f"slice({self.arg(a.start)}, {self.arg(a.stop)}, {self.arg(a.step)})"
         if isinstance(a, torch.dtype):
             return str(a)
         if isinstance(a, float) and a != a:
@@ -136,7 +142,7 @@ def _json_arg(a: Any) -> Any:
     if isinstance(a, (list, tuple)):
         return {"list": [_json_arg(b) for b in a]}
     if isinstance(a, slice):
-        return {"slice": [a.start, a.stop, a.step]}
+        return {"slice": [_json_arg(a.start), _json_arg(a.stop), _json_arg(a.step)]}
     if a is Ellipsis:
         return {"ellipsis": True}
     if isinstance(a, torch.dtype):

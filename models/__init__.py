@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -34,12 +35,20 @@ def load_model_file(spec: str | Path) -> ModuleType:
         mod_spec = importlib.util.spec_from_file_location(f"tscompile_user_model_{path.stem}",
                                                           path)
         module = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(module)
+        # Registered before running it: dataclasses and pickling look classes up by module.
+        sys.modules[mod_spec.name] = module
+        try:
+            mod_spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[mod_spec.name]
+            raise
         for attr in ("CONFIG", "PRESETS", "MODEL"):
             if not hasattr(module, attr):
                 raise ValueError(f"model file {path} does not define {attr} "
                                  "(see tscompile.models for the model-file contract)")
         return module
+    if path.suffix == ".py":
+        raise FileNotFoundError(f"model file {path} not found")
     raise ValueError(f"unknown model {spec_s!r}: give a model file path or one of "
                      f"{', '.join(BUILTIN)}")
 

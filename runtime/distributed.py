@@ -11,6 +11,7 @@ import io
 import os
 import socket
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -115,22 +116,33 @@ def generate_compiled(prog: str | Path, prompt_ids: list[int], params: SamplingP
                         str(weights), dummy_seed, dtype, list(prompt_ids), params, page_size)
 
 
-def _steps_rank(rank: int, prog: str, weights: str | None, dummy_seed: int | None,
-                feeds: list[list[tuple[int, list[int]]]], page_size: int, num_blocks: int
-                ) -> list[torch.Tensor]:
-    program = RankProgram(prog, rank, weights=weights, dummy_seed=dummy_seed)
-    runner = PagedRunner(program, page_size=page_size, num_blocks=num_blocks)
-    sids = sorted({sid for step in feeds for sid, _ in step})
-    for _ in sids:
-        runner.add()
-    return [runner.step(step, all_logits=True) for step in feeds]
+@dataclass(frozen=True, slots=True)
+class StepsJob:
+    """Fixed steps [(sequence, new tokens)] to feed through one compiled program."""
+    prog: str
+    feeds: list[list[tuple[int, list[int]]]]
+    weights: str | None = None
+    dummy_seed: int | None = None
+    page_size: int = 4
+    num_blocks: int = 64
 
 
-def run_steps(prog: str | Path, feeds: list[list[tuple[int, list[int]]]], *,
-              weights: str | Path | None = None, dummy_seed: int | None = None,
-              page_size: int = 4, num_blocks: int = 64) -> list[torch.Tensor]:
-    """Feed fixed steps [(sequence, tokens)] through the compiled program on all its ranks;
-    rank 0's logits per step (every fed token). The parity tests' entry point."""
-    world = read_tsprog(prog).world_size
-    return run_on_ranks(world, _steps_rank, str(prog), None if weights is None else
-                        str(weights), dummy_seed, feeds, page_size, num_blocks)
+def _steps_rank(rank: int, jobs: list[StepsJob]) -> list[list[torch.Tensor]]:
+    out = []
+    for job in jobs:
+        program = RankProgram(job.prog, rank, weights=job.weights, dummy_seed=job.dummy_seed)
+        runner = PagedRunner(program, page_size=job.page_size, num_blocks=job.num_blocks)
+        for _ in sorted({sid for step in job.feeds for sid, _ in step}):
+            runner.add()
+        out.append([runner.step(step, all_logits=True) for step in job.feeds])
+    return out
+
+
+def run_steps(jobs: list[StepsJob]) -> list[list[torch.Tensor]]:
+    """Run each job's steps through its compiled program on all ranks (one launch for all
+    jobs; their programs must share a world size). Per job, rank 0's logits per step for
+    every fed token. The parity tests' entry point."""
+    worlds = {read_tsprog(j.prog).world_size for j in jobs}
+    if len(worlds) != 1:
+        raise ValueError(f"run_steps: programs of different world sizes {sorted(worlds)}")
+    return run_on_ranks(worlds.pop(), _steps_rank, list(jobs))

@@ -134,7 +134,7 @@ def _getitem_tensor(node: fx.Node, p, idx) -> object:
     raise Reject("index out of range")
 
 
-@rule("getitem")
+@rule("getitem", "method:__getitem__")
 def getitem(node: fx.Node, ctx: Ctx) -> list[Strategy]:
     src, idx = node.args
     if isinstance(src.meta["val"], tuple):
