@@ -114,7 +114,8 @@ def build(model: str | Path, *, mesh: Mesh, preset: str | None = None,
     cfg = build_config(module, preset=preset, config=config)
     with torch.device("meta"):
         net = module.MODEL(cfg).eval()
-    bind_kv_caches(net, 4, 4, dtype=torch.float32, device="meta")
+    if attention_modules(net):           # shapes only: a 4-block pool on the meta device
+        bind_kv_caches(net, 4, 4, dtype=torch.float32, device="meta")
     stage = Stage(None, mesh, net, cfg)          # type: ignore[arg-type]
     dump_dir = dump_dir or envs.TSCOMPILE_DUMP.get() or None
     timings, dumps = [], {}

@@ -51,6 +51,8 @@ from typing import Any, Callable
 
 from tscompile.tsprog import Tsprog, read_tsprog
 
+__all__ = ["OnnxExport", "export_onnx", "to_onnx"]
+
 OPSET = 18
 DOMAIN = "tscompile"                 # kernels and collectives (torch.ops.tscompile.*)
 FALLBACK_DOMAIN = "tscompile.torch"  # anything without an ONNX mapping
@@ -320,7 +322,7 @@ class _Exporter:
             if "list" in a:
                 return [self.arg(b) for b in a["list"]]
             if "slice" in a:
-                return slice(*a["slice"])
+                return slice(*(self.arg(b) for b in a["slice"]))
             if "ellipsis" in a:
                 return Ellipsis
             if "dtype" in a:
@@ -437,6 +439,7 @@ class _Exporter:
                     self.names.difference_update(dropped.output)
                     self.node_names.discard(dropped.name)
                 del self.nodes[mark:]
+                self.transposed = {w: t for w, t in self.transposed.items() if t in self.names}
         self.fallbacks[op] += 1
         return self._custom(n, FALLBACK_DOMAIN, _sanitize(op), fallback=True)
 
@@ -1026,7 +1029,7 @@ def _getattr(ex: _Exporter) -> _Val:
     if isinstance(obj, _Val) and obj.kind == "object":
         value = ex.out_value()
         name = f"{obj.name}.{attr}"
-        doc = f"{obj.name}.{attr}"
+        doc = f"field `{attr}` of the program input `{obj.name}`"
         if isinstance(value, dict):
             shape = value.get("shape")
             contract = _META_SHAPES.get(attr) if obj.name == "meta" else None
@@ -1035,7 +1038,7 @@ def _getattr(ex: _Exporter) -> _Val:
                 doc += f" (traced with the sample shape {shape})"
                 shape = contract
             return ex._scalar_input(name, value.get("dtype"), shape, doc)
-        return ex._scalar_input(name, doc=f"{doc} (a python int)")
+        return ex._scalar_input(name, doc=f"{doc}, a python int")
     if isinstance(obj, _Val) and obj.kind == "tensor":
         if attr == "shape":
             out = ex._emit("Shape", [obj.name], prunable=True)[0]
@@ -1100,6 +1103,21 @@ def _getitem(ex: _Exporter) -> _Val:
     return _index_tensor(ex, x, idx)
 
 
+def _bound(ex: _Exporter, b: Any) -> Any:
+    """A slice bound: a python int, or a dynamic int scalar (e.g. x.shape[-1] // 2)."""
+    if isinstance(b, _Val) and b.kind == "int":
+        return b.const if b.static else b
+    if isinstance(b, int) and not isinstance(b, bool):
+        return b
+    raise _Unsupported(f"slice bound {b!r}")
+
+
+def _bounds(ex: _Exporter, items: list[Any], what: str) -> str:
+    if all(isinstance(b, int) for b in items):
+        return ex._const(items, suffix=what)
+    return _shape_items(ex, items)
+
+
 def _index_tensor(ex: _Exporter, x: _Val, idx: Any) -> _Val:
     items = idx if isinstance(idx, list) else [idx]
     rank = _rank(x)
@@ -1138,8 +1156,8 @@ def _index_tensor(ex: _Exporter, x: _Val, idx: Any) -> _Val:
                 step = 1 if i.step is None else ex.py(i.step)
                 if step <= 0:
                     raise _Unsupported("non-positive slice step")
-                starts.append(0 if i.start is None else ex.py(i.start))
-                ends.append(_INT64_MAX if i.stop is None else ex.py(i.stop))
+                starts.append(0 if i.start is None else _bound(ex, i.start))
+                ends.append(_INT64_MAX if i.stop is None else _bound(ex, i.stop))
                 axes.append(d)
                 steps.append(step)
             d += 1
@@ -1184,7 +1202,7 @@ def _index_tensor(ex: _Exporter, x: _Val, idx: Any) -> _Val:
         return ex._emit(op, inputs, suffix=kind, **attrs)[0]
 
     if starts:
-        inputs = [name, ex._const(starts, suffix="starts"), ex._const(ends, suffix="ends"),
+        inputs = [name, _bounds(ex, starts, "starts"), _bounds(ex, ends, "ends"),
                   ex._const(axes, suffix="axes")]
         if any(st != 1 for st in steps):
             inputs.append(ex._const(steps, suffix="steps"))
@@ -1263,7 +1281,7 @@ _STANDARD: dict[str, Callable[[_Exporter], _Val]] = {
     "method:squeeze": _squeeze, "squeeze": _squeeze,
     "where": _where,
     "getattr": _getattr, "method:size": _size, "sym_size": _size,
-    "getitem": _getitem,
+    "getitem": _getitem, "method:__getitem__": _getitem,
     "boundary": _boundary,
 }
 
