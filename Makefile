@@ -1,11 +1,13 @@
 # The README's two commands. Both build the virtualenv first (idempotent).
-#   make demo   import SmolLM2-135M-Instruct's real weights, answer a chat question on the CPU
+#   make demo   import SmolLM2-135M-Instruct's real weights, compile it for 2 ranks, answer a
+#               chat question with the compiled program on 2 CPU processes
 #   make test   the whole test suite (CPU only; what .ci/run runs)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SMOL   := .cache/smollm2
+PROG   := .cache/smollm2-tp2.tsprog
 PROMPT ?= What is the capital of France? Answer in one sentence.
 
 .PHONY: install demo test clean
@@ -25,8 +27,12 @@ $(STAMP): pyproject.toml
 $(SMOL)/model.safetensors: $(STAMP)
 	$(BIN)/tscompile import-gguf smollm2 -o $(SMOL)
 
-demo: $(SMOL)/model.safetensors
-	$(BIN)/tscompile generate llama --weights $(SMOL) --chat --prompt "$(PROMPT)" --max-tokens 64
+# SmolLM2 has 9 query / 3 KV heads: attention stays replicated, the MLPs split over 2 ranks.
+$(PROG): $(STAMP) models/llama.py
+	$(BIN)/tscompile build llama --preset smollm2-135m --tp 2 --attn-tp 1 -o $(PROG)
+
+demo: $(SMOL)/model.safetensors $(PROG)
+	$(BIN)/tscompile generate $(PROG) --weights $(SMOL) --chat --prompt "$(PROMPT)" --max-tokens 64
 
 test: $(STAMP)
 	$(BIN)/pytest -q

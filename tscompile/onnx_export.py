@@ -683,6 +683,46 @@ def _binary(onnx_op: str, fold: Callable[[Any, Any], Any], *, true_div: bool = F
     return handler
 
 
+def _compare(onnx_op: str, negate: bool = False):
+    """eq/ne/lt/... : both sides in the tensor side's dtype, a bool result."""
+    def handler(ex: _Exporter) -> _Val:
+        args, kwargs = ex.args_kwargs()
+        a = ex.pick(args, kwargs, 0, "input")
+        b = ex.pick(args, kwargs, 1, "other")
+        like = next((v.dtype for v in (a, b) if isinstance(v, _Val) and v.kind == "tensor"),
+                    None)
+        if like is None:
+            raise _Unsupported("comparison without a tensor")
+        names = []
+        for v in (a, b):
+            n = ex.name_of(v, like)
+            if isinstance(v, _Val) and v.kind == "tensor" and v.dtype not in (None, like):
+                n = ex._emit("Cast", [n], suffix="cast", to=ex._elem(like))[0]
+            names.append(n)
+        if not negate:
+            return _final(ex, onnx_op, names)
+        eq = ex._emit(onnx_op, names, suffix="eq")[0]
+        return _final(ex, "Not", [eq])
+    return handler
+
+
+def _topk(ex: _Exporter) -> _Val:
+    args, kwargs = ex.args_kwargs()
+    x = ex.tensor(ex.pick(args, kwargs, 0, "input"))
+    k = ex.pick(args, kwargs, 1, "k")
+    dim = ex.py(ex.pick(args, kwargs, 2, "dim", -1))
+    largest = ex.py(ex.pick(args, kwargs, 3, "largest", True))
+    is_sorted = ex.py(ex.pick(args, kwargs, 4, "sorted", True))
+    if isinstance(k, _Val) and k.kind == "int" and not k.static:
+        kk = ex._emit("Unsqueeze", [k.name, ex._const([0], suffix="axes")], suffix="k")[0]
+    else:
+        kk = ex._const([int(ex.py(k))], suffix="k")
+    outs = _multi_outputs(ex, 2)
+    ex._emit("TopK", [x.name, kk], outputs=outs, axis=int(dim), largest=int(bool(largest)),
+             sorted=int(bool(is_sorted)))
+    return _tuple_result(ex, outs)
+
+
 def _final(ex: _Exporter, op_type: str, inputs: list[str], **attrs) -> _Val:
     """Emit the node that produces the fx node's value (named after it)."""
     name = ex.cur["name"]
@@ -907,12 +947,7 @@ def _tuple_result(ex: _Exporter, outs: list[str]) -> _Val:
 def _split(ex: _Exporter) -> _Val:
     args, kwargs = ex.args_kwargs()
     x = ex.tensor(ex.pick(args, kwargs, 0, "input", kwargs.get("tensor")))
-    op = ex.cur["op"].split(":")[-1]
-    if op == "chunk":
-        dim = ex.py(ex.pick(args, kwargs, 2, "dim", 0))
-    else:
-        dim = ex.py(ex.pick(args, kwargs, 2, "dim", 0))
-    dim = _norm_dim(dim, _rank(x))
+    dim = _norm_dim(ex.py(ex.pick(args, kwargs, 2, "dim", 0)), _rank(x))
     value = ex.out_value()
     if not isinstance(value, list):
         raise _Unsupported("split without per-output values")
@@ -1282,6 +1317,11 @@ _STANDARD: dict[str, Callable[[_Exporter], _Val]] = {
     "where": _where,
     "getattr": _getattr, "method:size": _size, "sym_size": _size,
     "getitem": _getitem, "method:__getitem__": _getitem,
+    "topk": _topk, "method:topk": _topk,
+    **{f"{p}{op}": _compare(onnx_op, neg) for p in ("", "method:")
+       for op, onnx_op, neg in (("eq", "Equal", False), ("ne", "Equal", True),
+                                ("lt", "Less", False), ("le", "LessOrEqual", False),
+                                ("gt", "Greater", False), ("ge", "GreaterOrEqual", False))},
     "boundary": _boundary,
 }
 
