@@ -190,7 +190,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from tscompile.onnx_export import export_onnx
+    from tscompile.onnx import export_onnx
 
     out = export_onnx(args.program, args.onnx, rank=args.rank)
     print(f"wrote {out}")

@@ -1,0 +1,147 @@
+// pybind11 bindings: `tscompile.runtime._scheduler`. Plans cross as numpy arrays (copied:
+// O(scheduled tokens)); the block table is a zero-copy view of the scheduler's own array.
+// Exceptions: invalid_argument -> ValueError, out_of_range -> KeyError (unknown request),
+// logic_error -> RuntimeError (an event out of order).
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "scheduler.h"
+
+namespace py = pybind11;
+using tsc::Finish;
+using tsc::Scheduler;
+using tsc::SchedulerConfig;
+
+namespace {
+
+template <typename T>
+py::array_t<T> to_numpy(const std::vector<T>& v) {
+  py::array_t<T> a(static_cast<py::ssize_t>(v.size()));
+  if (!v.empty()) std::copy(v.begin(), v.end(), a.mutable_data());
+  return a;
+}
+
+py::array_t<uint8_t> to_numpy(const std::vector<uint8_t>& v) {
+  py::array_t<uint8_t> a(static_cast<py::ssize_t>(v.size()));
+  if (!v.empty()) std::copy(v.begin(), v.end(), a.mutable_data());
+  return a;
+}
+
+py::dict plan_dict(const tsc::StepPlan& p) {
+  py::dict d;
+  d["req_ids"] = to_numpy(p.req_ids);
+  d["slots"] = to_numpy(p.slots);
+  d["query_lens"] = to_numpy(p.query_lens);
+  d["seq_lens"] = to_numpy(p.seq_lens);
+  d["sample"] = to_numpy(p.sample);
+  d["num_decodes"] = p.num_decodes;
+  d["num_sample"] = p.num_sample;
+  d["input_ids"] = to_numpy(p.input_ids);
+  d["positions"] = to_numpy(p.positions);
+  d["slot_mapping"] = to_numpy(p.slot_mapping);
+  d["admitted_ids"] = to_numpy(p.admitted_ids);
+  d["admitted_slots"] = to_numpy(p.admitted_slots);
+  d["admitted_cached"] = to_numpy(p.admitted_cached);
+  d["preempted_ids"] = to_numpy(p.preempted_ids);
+  return d;
+}
+
+Finish finish_of(int code) {
+  if (code < 1 || code > 4) {
+    throw std::invalid_argument("finish reason code must be 1 (stop), 2 (length), 3 (abort) "
+                                "or 4 (error), got " + std::to_string(code));
+  }
+  return static_cast<Finish>(code);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_scheduler, m) {
+  m.doc() = "tscompile's C++ control plane: request state machines, KV blocks, prefix cache";
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const std::out_of_range& e) {
+      PyErr_SetString(PyExc_KeyError, e.what());
+    }
+  });
+  m.attr("FINISH_NONE") = 0;
+  m.attr("FINISH_STOP") = 1;
+  m.attr("FINISH_LENGTH") = 2;
+  m.attr("FINISH_ABORT") = 3;
+  m.attr("FINISH_ERROR") = 4;
+
+  py::class_<Scheduler>(m, "Scheduler")
+      .def(py::init([](int num_blocks, int page_size, int max_num_seqs,
+                       int max_num_batched_tokens, int max_model_len, double session_ttl,
+                       bool enable_prefix_caching) {
+             SchedulerConfig c;
+             c.num_blocks = num_blocks;
+             c.page_size = page_size;
+             c.max_num_seqs = max_num_seqs;
+             c.max_num_batched_tokens = max_num_batched_tokens;
+             c.max_model_len = max_model_len;
+             c.session_ttl = session_ttl;
+             c.enable_prefix_caching = enable_prefix_caching;
+             return new Scheduler(c);
+           }),
+           py::kw_only(), py::arg("num_blocks"), py::arg("page_size"), py::arg("max_num_seqs"),
+           py::arg("max_num_batched_tokens"), py::arg("max_model_len"),
+           py::arg("session_ttl") = 0.0, py::arg("enable_prefix_caching") = true)
+      .def("add_request",
+           [](Scheduler& s, uint64_t id, py::array_t<int32_t, py::array::c_style |
+                                                             py::array::forcecast> prompt,
+              int max_tokens, std::vector<int32_t> stop_ids, std::string session,
+              double arrival) {
+             std::vector<int32_t> toks(prompt.data(), prompt.data() + prompt.size());
+             s.add_request(id, std::move(toks), max_tokens, std::move(stop_ids),
+                           std::move(session), arrival);
+           },
+           py::arg("id"), py::arg("prompt"), py::arg("max_tokens"),
+           py::arg("stop_ids") = std::vector<int32_t>{}, py::arg("session") = "",
+           py::arg("arrival") = 0.0)
+      .def("abort",
+           [](Scheduler& s, uint64_t id, int reason, double now) {
+             s.abort(id, finish_of(reason), now);
+           },
+           py::arg("id"), py::arg("reason") = 3, py::arg("now") = 0.0)
+      .def("plan", [](Scheduler& s, double now) { return plan_dict(s.plan(now)); },
+           py::arg("now") = 0.0)
+      .def("update",
+           [](Scheduler& s, py::array_t<int32_t, py::array::c_style | py::array::forcecast>
+                                tokens, double now) {
+             auto codes = s.update(tokens.data(), static_cast<size_t>(tokens.size()), now);
+             py::array_t<int8_t> out(static_cast<py::ssize_t>(codes.size()));
+             if (!codes.empty()) std::copy(codes.begin(), codes.end(), out.mutable_data());
+             return out;
+           },
+           py::arg("tokens"), py::arg("now") = 0.0)
+      .def_property_readonly("block_table",
+           [](py::object self) {
+             Scheduler& s = self.cast<Scheduler&>();
+             const auto& c = s.config();
+             return py::array_t<int32_t>({c.max_num_seqs, s.max_blocks_per_seq()},
+                                         s.block_table(), self);  // a view; keeps s alive
+           })
+      .def_property_readonly("has_work", &Scheduler::has_work)
+      .def_property_readonly("plan_pending", &Scheduler::plan_pending)
+      .def("state_of", &Scheduler::state_of)
+      .def("check_invariants", &Scheduler::check_invariants)
+      .def("stats", [](const Scheduler& s) {
+        auto t = s.stats();
+        py::dict d;
+        d["running"] = t.running;
+        d["waiting"] = t.waiting;
+        d["blocks_total"] = t.blocks_total;
+        d["blocks_free"] = t.blocks_free;
+        d["blocks_cached"] = t.blocks_cached;
+        d["blocks_in_use"] = t.blocks_in_use;
+        d["prefix_hit_tokens"] = t.prefix_hit_tokens;
+        d["prompt_tokens"] = t.prompt_tokens;
+        d["generated_tokens"] = t.generated_tokens;
+        d["preemptions"] = t.preemptions;
+        d["evictions"] = t.evictions;
+        return d;
+      });
+}

@@ -1,0 +1,329 @@
+// See scheduler.h. Costs: plan() is O(scheduled sequences + scheduled tokens) plus one block
+// allocation per page boundary crossed; block tables are updated in place (one int per new
+// block), never rebuilt, so 256 decoding requests of 64K context cost the same to plan as
+// 256 of 1K.
+#include "scheduler.h"
+
+#include <algorithm>
+#include <stdexcept>
+
+namespace tsc {
+
+namespace {
+const char* kStateNames[] = {"waiting", "prefilling", "decoding", "finished"};
+}
+
+Kv* Request::kv() {
+  if (auto* p = std::get_if<Prefilling>(&state)) return &p->kv;
+  if (auto* d = std::get_if<Decoding>(&state)) return &d->kv;
+  return nullptr;
+}
+
+void StepPlan::clear() {
+  req_ids.clear(); slots.clear(); query_lens.clear(); seq_lens.clear(); sample.clear();
+  input_ids.clear(); positions.clear(); slot_mapping.clear();
+  admitted_ids.clear(); admitted_slots.clear(); admitted_cached.clear();
+  preempted_ids.clear();
+  num_decodes = num_sample = 0;
+}
+
+Scheduler::Scheduler(const SchedulerConfig& c)
+    : config_(c), pool_(c.num_blocks, c.page_size) {
+  if (c.max_num_seqs <= 0 || c.max_num_batched_tokens <= 0 || c.max_model_len <= 0) {
+    throw std::invalid_argument(
+        "Scheduler: max_num_seqs, max_num_batched_tokens and max_model_len must be positive");
+  }
+  max_blocks_ = (c.max_model_len + c.page_size - 1) / c.page_size;
+  table_.assign(static_cast<size_t>(c.max_num_seqs) * max_blocks_, 0);
+  for (int s = c.max_num_seqs - 1; s >= 0; --s) free_slots_.push_back(s);
+  totals_.blocks_total = c.num_blocks;
+}
+
+Request& Scheduler::get(uint64_t id) {
+  auto it = requests_.find(id);
+  if (it == requests_.end()) {
+    throw std::out_of_range("request " + std::to_string(id) + " is not live (never added, "
+                            "or already finished)");
+  }
+  return it->second;
+}
+
+void Scheduler::add_request(uint64_t id, std::vector<Token> prompt, int max_tokens,
+                            std::vector<Token> stop_ids, std::string session,
+                            double arrival) {
+  if (requests_.count(id)) {
+    throw std::invalid_argument("request " + std::to_string(id) + " already exists");
+  }
+  if (prompt.empty()) throw std::invalid_argument("request prompt is empty");
+  if (max_tokens < 1) throw std::invalid_argument("max_tokens must be >= 1");
+  if (static_cast<int>(prompt.size()) >= config_.max_model_len) {
+    throw std::invalid_argument("prompt of " + std::to_string(prompt.size()) +
+                                " tokens leaves no room under max_model_len " +
+                                std::to_string(config_.max_model_len));
+  }
+  for (Token t : prompt) {
+    if (t < 0) throw std::invalid_argument("negative token id in the prompt");
+  }
+  Request r;
+  r.id = id;
+  r.num_prompt = static_cast<int>(prompt.size());
+  r.tokens = std::move(prompt);
+  r.max_tokens = max_tokens;
+  r.stop_ids = std::move(stop_ids);
+  r.session = std::move(session);
+  r.arrival = arrival;
+  requests_.emplace(id, std::move(r));
+  waiting_.push_back(id);
+}
+
+bool Scheduler::grow(Kv& kv, int tokens, double now) {
+  const int ps = config_.page_size;
+  while (static_cast<int>(kv.blocks.size()) * ps < tokens) {
+    auto b = pool_.allocate(now);
+    if (!b) return false;
+    table_[static_cast<size_t>(kv.slot) * max_blocks_ + kv.blocks.size()] = b->id();
+    kv.blocks.push_back(std::move(*b));
+  }
+  return true;
+}
+
+bool Scheduler::admit(Request& r, double now) {
+  const int ps = config_.page_size;
+  const int n = static_cast<int>(r.tokens.size());
+  Kv kv;
+  kv.slot = free_slots_.back();
+  Hash h = 0;
+  int matched = 0;
+  if (config_.enable_prefix_caching) {
+    // Leave at least one token to compute: its logits are what we sample from.
+    for (int k = 0; k < (n - 1) / ps; ++k) {
+      const Token* page = r.tokens.data() + static_cast<size_t>(k) * ps;
+      Hash hk = hash_page(h, page, ps);
+      auto b = pool_.lookup(hk, page, now);
+      if (!b) break;
+      table_[static_cast<size_t>(kv.slot) * max_blocks_ + k] = b->id();
+      kv.blocks.push_back(std::move(*b));
+      h = hk;
+      ++matched;
+    }
+  }
+  const int computed = matched * ps;
+  const int chunk = std::min(n - computed, budget_);
+  if (chunk <= 0 || !grow(kv, computed + chunk, now)) return false;  // kv releases itself
+  free_slots_.pop_back();
+  r.num_computed = computed;
+  r.pages_hashed = matched;
+  r.last_hash = h;
+  if (r.num_cached < 0) {
+    r.num_cached = computed;
+    totals_.prefix_hit_tokens += computed;
+    totals_.prompt_tokens += r.num_prompt;
+  }
+  plan_.admitted_ids.push_back(r.id);
+  plan_.admitted_slots.push_back(kv.slot);
+  plan_.admitted_cached.push_back(computed);
+  r.state = Prefilling{std::move(kv)};
+  emit(r, *r.kv(), chunk);
+  return true;
+}
+
+void Scheduler::emit(Request& r, Kv& kv, int n) {
+  const int ps = config_.page_size;
+  const int start = r.num_computed;
+  plan_.req_ids.push_back(r.id);
+  plan_.slots.push_back(kv.slot);
+  plan_.query_lens.push_back(n);
+  plan_.seq_lens.push_back(start + n);
+  const bool sample = start + n == static_cast<int>(r.tokens.size());
+  plan_.sample.push_back(sample ? 1 : 0);
+  plan_.num_sample += sample;
+  for (int p = start; p < start + n; ++p) {
+    plan_.input_ids.push_back(r.tokens[p]);
+    plan_.positions.push_back(p);
+    plan_.slot_mapping.push_back(static_cast<int64_t>(kv.blocks[p / ps].id()) * ps + p % ps);
+  }
+  budget_ -= n;
+}
+
+void Scheduler::drop_from(std::vector<uint64_t>& v, uint64_t id) {
+  auto it = std::find(v.begin(), v.end(), id);
+  if (it != v.end()) v.erase(it);
+}
+
+void Scheduler::preempt(uint64_t id) {
+  Request& r = get(id);
+  Kv* kv = r.kv();
+  free_slots_.push_back(kv->slot);
+  r.state = Waiting{};             // destroys the Kv: every block reference returns
+  r.num_computed = 0;
+  r.pages_hashed = 0;
+  r.last_hash = 0;
+  drop_from(running_, id);
+  waiting_.push_front(id);
+  plan_.preempted_ids.push_back(id);
+  ++totals_.preemptions;
+}
+
+const StepPlan& Scheduler::plan(double now) {
+  if (plan_pending_) throw std::logic_error("plan() while the previous plan awaits update()");
+  plan_.clear();
+  budget_ = config_.max_num_batched_tokens;
+  // 1. Decodes, oldest first; when blocks run out, the newest running request is preempted.
+  std::vector<uint64_t> order = running_;
+  for (uint64_t id : order) {
+    Request& r = get(id);
+    auto* d = std::get_if<Decoding>(&r.state);
+    if (d == nullptr || budget_ < 1) continue;
+    bool ok = grow(d->kv, r.num_computed + 1, now);
+    while (!ok) {
+      uint64_t victim = running_.back();
+      preempt(victim);
+      if (victim == id) break;
+      ok = grow(d->kv, r.num_computed + 1, now);
+    }
+    if (ok) emit(r, d->kv, 1);
+  }
+  plan_.num_decodes = static_cast<int>(plan_.req_ids.size());
+  // 2. Prefill chunks of admitted requests, then 3. admissions, FCFS.
+  for (uint64_t id : running_) {
+    Request& r = get(id);
+    auto* p = std::get_if<Prefilling>(&r.state);
+    if (p == nullptr || budget_ < 1) continue;
+    int chunk = std::min(static_cast<int>(r.tokens.size()) - r.num_computed, budget_);
+    if (grow(p->kv, r.num_computed + chunk, now)) emit(r, p->kv, chunk);
+  }
+  while (!waiting_.empty() && budget_ > 0 && !free_slots_.empty()) {
+    Request& r = get(waiting_.front());
+    if (!admit(r, now)) break;     // head of line waits for memory
+    waiting_.pop_front();
+    running_.push_back(r.id);
+  }
+  plan_pending_ = !plan_.req_ids.empty();
+  return plan_;
+}
+
+void Scheduler::register_pages(Request& r, Kv& kv) {
+  if (!config_.enable_prefix_caching) return;
+  const int ps = config_.page_size;
+  while ((r.pages_hashed + 1) * ps <= r.num_computed) {
+    const Token* page = r.tokens.data() + static_cast<size_t>(r.pages_hashed) * ps;
+    r.last_hash = hash_page(r.last_hash, page, ps);
+    pool_.register_page(kv.blocks[r.pages_hashed].id(), r.last_hash, page);
+    ++r.pages_hashed;
+  }
+}
+
+void Scheduler::finish(Request& r, Finish reason, double now) {
+  if (Kv* kv = r.kv()) {
+    if (!r.session.empty() && config_.session_ttl > 0) {
+      for (const BlockRef& b : kv->blocks) pool_.pin(b.id(), now + config_.session_ttl);
+    }
+    free_slots_.push_back(kv->slot);
+    drop_from(running_, r.id);
+  } else {
+    auto it = std::find(waiting_.begin(), waiting_.end(), r.id);
+    if (it != waiting_.end()) waiting_.erase(it);
+  }
+  r.state = Finished{reason};      // releases the KV
+  requests_.erase(r.id);
+}
+
+std::vector<int8_t> Scheduler::update(const int32_t* sampled, size_t n, double now) {
+  if (!plan_pending_) throw std::logic_error("update() without a pending plan");
+  if (n != static_cast<size_t>(plan_.num_sample)) {
+    throw std::invalid_argument("update() got " + std::to_string(n) + " tokens for " +
+                                std::to_string(plan_.num_sample) + " sample rows");
+  }
+  for (size_t j = 0; j < n; ++j) {
+    if (sampled[j] < 0) throw std::invalid_argument("update() got a negative token id");
+  }
+  std::vector<int8_t> codes(n, static_cast<int8_t>(Finish::None));
+  size_t j = 0;
+  for (size_t i = 0; i < plan_.req_ids.size(); ++i) {
+    const bool sample = plan_.sample[i] != 0;
+    auto it = requests_.find(plan_.req_ids[i]);
+    if (it == requests_.end()) {     // aborted while the step ran: drop its token
+      if (sample) codes[j++] = static_cast<int8_t>(Finish::Abort);
+      continue;
+    }
+    Request& r = it->second;
+    Kv* kv = r.kv();
+    if (kv == nullptr) throw std::logic_error("a planned request lost its KV before update()");
+    r.num_computed += plan_.query_lens[i];
+    register_pages(r, *kv);
+    if (!sample) continue;
+    const Token t = sampled[j];
+    r.tokens.push_back(t);
+    ++totals_.generated_tokens;
+    if (auto* p = std::get_if<Prefilling>(&r.state)) r.state = Decoding{std::move(p->kv)};
+    Finish f = Finish::None;
+    if (std::find(r.stop_ids.begin(), r.stop_ids.end(), t) != r.stop_ids.end()) {
+      f = Finish::Stop;
+    } else if (r.num_output() >= r.max_tokens ||
+               static_cast<int>(r.tokens.size()) >= config_.max_model_len) {
+      f = Finish::Length;
+    }
+    codes[j++] = static_cast<int8_t>(f);
+    if (f != Finish::None) finish(r, f, now);
+  }
+  plan_pending_ = false;
+  return codes;
+}
+
+void Scheduler::abort(uint64_t id, Finish reason, double now) {
+  if (reason == Finish::None) throw std::invalid_argument("abort() needs a finish reason");
+  finish(get(id), reason, now);
+}
+
+std::string Scheduler::state_of(uint64_t id) const {
+  auto it = requests_.find(id);
+  if (it == requests_.end()) throw std::out_of_range("request " + std::to_string(id) +
+                                                     " is not live");
+  return kStateNames[it->second.state.index()];
+}
+
+Stats Scheduler::stats() const {
+  Stats s = totals_;
+  s.running = static_cast<int>(running_.size());
+  s.waiting = static_cast<int>(waiting_.size());
+  s.blocks_free = pool_.num_free();
+  s.blocks_cached = pool_.num_cached();
+  s.blocks_in_use = pool_.num_in_use();
+  s.evictions = pool_.evictions();
+  return s;
+}
+
+void Scheduler::check_invariants() const {
+  std::vector<int> refs(pool_.num_blocks(), 0);
+  std::vector<int> slot_owner(config_.max_num_seqs, 0);
+  for (const auto& [id, r] : requests_) {
+    const Kv* kv = nullptr;
+    if (auto* p = std::get_if<Prefilling>(&r.state)) kv = &p->kv;
+    if (auto* d = std::get_if<Decoding>(&r.state)) kv = &d->kv;
+    if (std::holds_alternative<Finished>(r.state)) {
+      throw std::logic_error("finished request " + std::to_string(id) + " still stored");
+    }
+    if (kv == nullptr) continue;
+    if (slot_owner[kv->slot]++) throw std::logic_error("two requests share a table row");
+    for (size_t k = 0; k < kv->blocks.size(); ++k) {
+      ++refs[kv->blocks[k].id()];
+      if (table_[static_cast<size_t>(kv->slot) * max_blocks_ + k] != kv->blocks[k].id()) {
+        throw std::logic_error("block table row of request " + std::to_string(id) +
+                               " disagrees with its blocks");
+      }
+    }
+    const size_t need = (r.num_computed + config_.page_size - 1) / config_.page_size;
+    if (kv->blocks.size() < need) throw std::logic_error("computed tokens without blocks");
+  }
+  int used_slots = 0;
+  for (int c : slot_owner) used_slots += c;
+  if (used_slots + static_cast<int>(free_slots_.size()) != config_.max_num_seqs) {
+    throw std::logic_error("table rows leaked");
+  }
+  if (static_cast<int>(running_.size()) != used_slots) {
+    throw std::logic_error("running list disagrees with requests holding KV");
+  }
+  pool_.check(refs);
+}
+
+}  // namespace tsc

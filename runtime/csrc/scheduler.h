@@ -1,0 +1,140 @@
+// The control plane: one finite-state machine per request and the step planner.
+//
+//   Waiting --admit--> Prefilling --last prompt chunk sampled--> Decoding --> Finished
+//      ^                    |                                       |    (stop, length,
+//      +------ preempt -----+---------------------------------------+     abort, error)
+//
+// States that hold KV (Prefilling, Decoding) own it as a `Kv` of move-only BlockRefs and a
+// block-table row (`slot`); Waiting and Finished hold none, so a request in those states
+// has no block ids to reach. Preemption (recompute) drops the KV and requeues the request
+// at the front; its pages usually survive in the prefix cache.
+//
+// A step plan mixes decodes (one token each, listed first) and prefill chunks under a token
+// budget and a sequence limit; it is a set of flat arrays (no per-request objects cross to
+// Python). Python answers with the sampled tokens of the plan's sample rows (`update`) and
+// with aborts; anything out of order is rejected with an exception, never undefined
+// behaviour.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <string>
+#include <unordered_map>
+#include <variant>
+#include <vector>
+
+#include "block_pool.h"
+
+namespace tsc {
+
+enum class Finish : int8_t { None = 0, Stop = 1, Length = 2, Abort = 3, Error = 4 };
+
+struct SchedulerConfig {
+  int num_blocks = 1024;
+  int page_size = 16;
+  int max_num_seqs = 64;              // also the number of block-table rows
+  int max_num_batched_tokens = 2048;  // token budget per step
+  int max_model_len = 4096;
+  double session_ttl = 0.0;           // seconds a finished session's prefix stays pinned
+  bool enable_prefix_caching = true;
+};
+
+struct Kv {
+  std::vector<BlockRef> blocks;
+  int slot = -1;
+};
+
+struct Waiting {};
+struct Prefilling { Kv kv; };
+struct Decoding { Kv kv; };
+struct Finished { Finish reason; };
+using State = std::variant<Waiting, Prefilling, Decoding, Finished>;
+
+struct Request {
+  uint64_t id = 0;
+  std::vector<Token> tokens;           // prompt, then generated tokens
+  int num_prompt = 0;
+  int max_tokens = 0;
+  std::vector<Token> stop_ids;
+  std::string session;
+  double arrival = 0.0;
+  int num_computed = 0;                // tokens whose KV is in the cache
+  int num_cached = -1;                 // prefix-hit tokens at first admission (-1: not yet)
+  int pages_hashed = 0;                // full pages registered in the prefix cache
+  Hash last_hash = 0;
+  State state = Waiting{};
+
+  int num_output() const { return static_cast<int>(tokens.size()) - num_prompt; }
+  Kv* kv();
+};
+
+struct StepPlan {
+  // Per scheduled sequence (decodes first).
+  std::vector<uint64_t> req_ids;
+  std::vector<int32_t> slots, query_lens, seq_lens;
+  std::vector<uint8_t> sample;         // 1: the last token of this chunk is sampled
+  int num_decodes = 0;
+  int num_sample = 0;
+  // Per token.
+  std::vector<int32_t> input_ids, positions;
+  std::vector<int64_t> slot_mapping;
+  // Lifecycle changes made while planning.
+  std::vector<uint64_t> admitted_ids;  // got a block-table row this step
+  std::vector<int32_t> admitted_slots, admitted_cached;
+  std::vector<uint64_t> preempted_ids; // lost their KV, back to waiting
+  void clear();
+};
+
+struct Stats {
+  int running = 0, waiting = 0;
+  int blocks_total = 0, blocks_free = 0, blocks_cached = 0, blocks_in_use = 0;
+  int64_t prefix_hit_tokens = 0, prompt_tokens = 0, generated_tokens = 0;
+  int64_t preemptions = 0, evictions = 0;
+};
+
+class Scheduler {
+ public:
+  explicit Scheduler(const SchedulerConfig& config);
+
+  void add_request(uint64_t id, std::vector<Token> prompt, int max_tokens,
+                   std::vector<Token> stop_ids, std::string session, double arrival);
+  // Finish a live request now (client gone, stop string, error). Unknown id: out_of_range.
+  void abort(uint64_t id, Finish reason, double now);
+  const StepPlan& plan(double now);
+  // Tokens for the pending plan's sample rows, in order; returns a finish code per row.
+  std::vector<int8_t> update(const int32_t* sampled, size_t n, double now);
+
+  bool has_work() const { return !running_.empty() || !waiting_.empty(); }
+  bool plan_pending() const { return plan_pending_; }
+  std::string state_of(uint64_t id) const;
+  Stats stats() const;
+  const SchedulerConfig& config() const { return config_; }
+  int max_blocks_per_seq() const { return max_blocks_; }
+  int32_t* block_table() { return table_.data(); }
+  void check_invariants() const;
+
+ private:
+  Request& get(uint64_t id);
+  bool admit(Request& r, double now);
+  bool grow(Kv& kv, int tokens, double now);
+  void emit(Request& r, Kv& kv, int n);
+  void preempt(uint64_t id);
+  void finish(Request& r, Finish reason, double now);
+  void register_pages(Request& r, Kv& kv);
+  void drop_from(std::vector<uint64_t>& v, uint64_t id);
+
+  SchedulerConfig config_;
+  BlockPool pool_;
+  int max_blocks_;
+  std::vector<int32_t> table_;                 // [max_num_seqs, max_blocks_] block ids
+  std::vector<int> free_slots_;
+  std::unordered_map<uint64_t, Request> requests_;
+  std::vector<uint64_t> running_;              // admission order
+  std::deque<uint64_t> waiting_;
+  StepPlan plan_;
+  bool plan_pending_ = false;
+  int budget_ = 0;
+  Stats totals_;
+};
+
+}  // namespace tsc

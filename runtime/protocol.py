@@ -1,0 +1,128 @@
+"""Messages between the API process and the engine process (pickled over multiprocessing
+queues), and the per-request sampling parameters the engine enforces.
+
+What it is: plain frozen values, validated at construction so a bad request fails in the
+API process with a message naming the field, before it reaches the engine. What it is not:
+the OpenAI wire format (runtime/server/ maps it onto these) or the scheduler's state.
+
+Division of labour: the engine decides `length` (max_tokens), stop token ids and EOS; the
+API process detokenizes incrementally and matches stop *strings* (they can span tokens),
+then sends `Abort(rid, reason="stop")`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0                   # 0: off
+    min_p: float = 0.0
+    seed: int | None = None          # None: a fresh seed per request
+    presence_penalty: float = 0.0    # OpenAI: on generated tokens, -2..2
+    frequency_penalty: float = 0.0   # OpenAI: on generated tokens, -2..2
+    repetition_penalty: float = 1.0  # HF/vLLM: on prompt and generated tokens, > 0
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"{name}: {why}, got {getattr(self, name)!r}")
+        if self.max_tokens < 1:
+            raise bad("max_tokens", "must be >= 1")
+        if self.temperature < 0:
+            raise bad("temperature", "must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise bad("top_p", "must be in (0, 1]")
+        if self.top_k < 0:
+            raise bad("top_k", "must be >= 0 (0 disables it)")
+        if not 0 <= self.min_p <= 1:
+            raise bad("min_p", "must be in [0, 1]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise bad(name, "must be in [-2, 2]")
+        if self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", "must be > 0")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise bad("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}]")
+        if self.top_logprobs and not self.logprobs:
+            raise bad("top_logprobs", "needs logprobs=true")
+
+
+# ------------------------------------------------------------------ API -> engine
+
+@dataclass(frozen=True, slots=True)
+class AddRequest:
+    rid: str
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    session_id: str | None = None    # keeps the prefix cached between an agent's turns
+    arrival: float = 0.0             # time.monotonic() in the API process
+
+
+@dataclass(frozen=True, slots=True)
+class Abort:
+    rid: str
+    reason: str = "abort"            # "abort" (client gone) or "stop" (stop string matched)
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    pass
+
+
+# ------------------------------------------------------------------ engine -> API
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()     # (token id, logprob), best first
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutput:
+    """New tokens of one request from one engine step. `finish_reason` is set on the last
+    message of a request: "stop" (EOS / stop token), "length", "abort" or "error" (then
+    `error` says why)."""
+    rid: str
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0           # prompt tokens served from the prefix cache
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    running: int
+    waiting: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    prefix_hit_tokens: int           # cumulative
+    prompt_tokens: int               # cumulative
+    generation_tokens: int           # cumulative
+    preemptions: int                 # cumulative
+
+
+@dataclass(frozen=True, slots=True)
+class StepOutputs:
+    outputs: tuple[RequestOutput, ...] = ()
+    stats: EngineStats | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineReady:
+    """First message from the engine: what the API needs to validate requests."""
+    model: str
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...] = field(default=())

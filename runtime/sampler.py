@@ -1,0 +1,300 @@
+"""The execution plane's batch sampler: penalties, the seeded draw and logprobs for one step.
+
+What it is: per-slot sampling state held in tensors indexed by slot (a slot is the
+scheduler's row for a running request, 0..max_slots-1), set once at admission, and a
+`sample()` that works on the whole step at once: gather the rows' parameters by slot,
+apply penalties, draw with the `tscompile::sample` kernel, compute logprobs, and record the
+drawn tokens for the penalties of later steps. The only per-request Python is in `admit` and
+`release`, and in `SampleResult.token_logprobs()` (the conversion to protocol values that
+the engine does per request anyway).
+What it is not: the scheduler (which request owns which slot), stop handling (the engine
+checks stop ids / max_tokens on the returned ids), logit bias or guided decoding.
+
+Semantics, in the order applied (vLLM V1's):
+* Penalties, on fp32 logits: repetition first (HF/vLLM: for tokens seen in the prompt *or*
+  the output, `logit / p` if `logit > 0` else `logit * p`), then frequency and presence on
+  generated tokens only (OpenAI/vLLM: `logit -= frequency * count`, then
+  `logit -= presence * (count > 0)`, two subtractions as vLLM does). Neutral values (1, 0, 0)
+  leave a row bit-for-bit unchanged, so a batch mixing penalised and plain rows applies them
+  to all rows with no masking.
+* The draw: `tscompile::sample` (temperature, then top-k, top-p, min-p; temperature 0 is
+  argmax of the penalised logits). Its randomness is counter-based on (seed, offset, token):
+  the offset is `step_index` (tokens this request generated so far), the seed is fixed per
+  request at admission, so a seeded request gives the same tokens whatever it is batched with
+  and whichever slot it holds (penalty state is per slot, so it keeps that property).
+* Logprobs are the log_softmax of the RAW model logits (before penalties, temperature and
+  filters): vLLM V1's default (`logprobs_mode="raw_logprobs"`) and what OpenAI clients expect
+  as "the model's" logprob. The chosen token's logprob is therefore the raw logprob of the
+  token the filtered distribution drew (it may be a token outside the raw top-k).
+
+Cost: with no penalised request active, no [slots, V] state exists and a step is the kernel
+call plus two small gathers. Penalty state (output counts int32 [max_slots, V] and a
+seen-in-prompt-or-output mask bool [max_slots, V]) is allocated when the first penalised
+request is admitted and dropped when the last one is released. Logprob work (a log_softmax
+over the step's rows and a top-k) runs only while some active request asked for logprobs.
+
+Slot checks in `sample()` (range, admitted, no duplicates) run when `slots` is a CPU tensor
+(the engine builds it on the host); slots already on an accelerator are trusted, so the hot
+path never syncs for validation.
+"""
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from tscompile.kernels import sample as sample_op
+from tscompile.runtime.protocol import SamplingParams, TokenLogprob
+
+# Columns of the per-slot parameter tables (one gather per table per step).
+_TEMP, _TOP_P, _MIN_P, _PRES, _FREQ, _REP = range(6)
+_NEUTRAL_F = (0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+_TOP_K, _SEED = range(2)
+
+
+def _as_int64_seed(seed: int) -> int:
+    """Any Python int -> the int64 with the same low 64 bits (identity on int64 values)."""
+    seed &= (1 << 64) - 1
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
+
+
+def _uses_penalty(p: SamplingParams) -> bool:
+    return (p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+            or p.repetition_penalty != 1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class SampleResult:
+    """One step's draws, row i for `slots[i]`. The logprob fields are None when no row of
+    the step asked for logprobs; otherwise they cover every row, and `wants_logprobs` /
+    `num_top` say which rows asked and how many alternatives each wanted (the rest of a row's
+    K columns are still valid top entries, just not requested)."""
+    token_ids: torch.Tensor                     # [S] int64
+    logprobs: torch.Tensor | None = None        # [S] fp32, raw logprob of token_ids
+    top_ids: torch.Tensor | None = None         # [S, K] int64, best first
+    top_logprobs: torch.Tensor | None = None    # [S, K] fp32, descending
+    wants_logprobs: torch.Tensor | None = None  # [S] bool
+    num_top: torch.Tensor | None = None         # [S] int64, params.top_logprobs per row
+
+    def token_logprobs(self) -> list[TokenLogprob | None]:
+        """Per row, the protocol value (None for rows that did not ask). One host copy."""
+        n = self.token_ids.shape[0]
+        if self.logprobs is None:
+            return [None] * n
+        ids = self.token_ids.tolist()
+        lps = self.logprobs.tolist()
+        want = self.wants_logprobs.tolist()
+        ntop = self.num_top.tolist()
+        tid = self.top_ids.tolist()
+        tlp = self.top_logprobs.tolist()
+        return [TokenLogprob(ids[i], lps[i], tuple(zip(tid[i][:ntop[i]], tlp[i][:ntop[i]])))
+                if want[i] else None for i in range(n)]
+
+
+class BatchSampler:
+    """Per-slot sampling state and the vectorised step. See the module docstring.
+
+    `admit(slot, params, prompt_ids, output_ids=(), seed=None) -> seed` before a request's
+    first `sample()`; `release(slot)` when it leaves (finished, aborted or preempted). A
+    preempted request re-admitted later passes the tokens it already generated as
+    `output_ids` (so its penalty counts are restored) and the seed `admit` returned the first
+    time (so an unseeded request keeps its random stream)."""
+
+    def __init__(self, max_slots: int, vocab_size: int, device: torch.device | str = "cpu",
+                 *, rng_seed: int | None = None):
+        if max_slots < 1:
+            raise ValueError(f"max_slots must be >= 1, got {max_slots}")
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+        self.max_slots = max_slots
+        self.vocab_size = vocab_size
+        self.device = torch.device(device)
+        self._rng = random.Random(rng_seed)   # fresh seeds for requests with seed=None
+        self._f = torch.tensor([_NEUTRAL_F] * max_slots, dtype=torch.float32,
+                               device=self.device)
+        self._i = torch.zeros(max_slots, 2, dtype=torch.int64, device=self.device)
+        self._lp = torch.full((max_slots, 2), -1, dtype=torch.int64, device=self.device)
+        # Host-side bookkeeping (admission/validation only).
+        self._params: list[SamplingParams | None] = [None] * max_slots
+        self._active_cpu = torch.zeros(max_slots, dtype=torch.bool)
+        self._penalised: set[int] = set()
+        self._top_counts: Counter[int] = Counter()   # top_logprobs of active logprob slots
+        self._counts: torch.Tensor | None = None     # [max_slots, V] int32 output counts
+        self._seen: torch.Tensor | None = None       # [max_slots, V] bool prompt | output
+
+    # ------------------------------------------------------------------ admission
+
+    @property
+    def penalty_state_allocated(self) -> bool:
+        return self._counts is not None
+
+    def is_active(self, slot: int) -> bool:
+        self._check_slot(slot)
+        return self._params[slot] is not None
+
+    def params(self, slot: int) -> SamplingParams | None:
+        self._check_slot(slot)
+        return self._params[slot]
+
+    def _check_slot(self, slot: int) -> None:
+        if isinstance(slot, bool) or not isinstance(slot, int):
+            raise TypeError(f"slot must be an int, got {type(slot).__name__}")
+        if not 0 <= slot < self.max_slots:
+            raise ValueError(f"slot {slot} out of range [0, {self.max_slots})")
+
+    def _token_tensor(self, ids: Iterable[int] | torch.Tensor, what: str) -> torch.Tensor:
+        t = torch.as_tensor(ids if isinstance(ids, torch.Tensor) else list(ids),
+                            dtype=torch.int64).reshape(-1)
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.vocab_size):
+            raise ValueError(f"{what}: token ids must be in [0, {self.vocab_size}), "
+                             f"got min {int(t.min())}, max {int(t.max())}")
+        return t.to(self.device)
+
+    def admit(self, slot: int, params: SamplingParams,
+              prompt_ids: Iterable[int] | torch.Tensor,
+              output_ids: Iterable[int] | torch.Tensor = (), *, seed: int | None = None) -> int:
+        """Set `slot`'s state for a new (or re-admitted) request; returns the int64 seed it
+        uses: `seed` if given, else `params.seed`, else a fresh random one."""
+        self._check_slot(slot)
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        if self._params[slot] is not None:
+            raise ValueError(f"slot {slot} is already admitted; release it first")
+        penalised = _uses_penalty(params)
+        if penalised:   # validate before any state changes
+            prompt = self._token_tensor(prompt_ids, "prompt_ids")
+            output = self._token_tensor(output_ids, "output_ids")
+        if seed is None:
+            seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        seed = _as_int64_seed(seed)
+
+        self._f[slot] = torch.tensor(
+            (params.temperature, params.top_p, params.min_p, params.presence_penalty,
+             params.frequency_penalty, params.repetition_penalty), dtype=torch.float32)
+        self._i[slot] = torch.tensor((params.top_k, seed), dtype=torch.int64)
+        self._lp[slot] = torch.tensor(
+            (1 if params.logprobs else -1, params.top_logprobs if params.logprobs else -1),
+            dtype=torch.int64)
+        if penalised:
+            if self._counts is None:
+                shape = (self.max_slots, self.vocab_size)
+                self._counts = torch.zeros(shape, dtype=torch.int32, device=self.device)
+                self._seen = torch.zeros(shape, dtype=torch.bool, device=self.device)
+            self._counts[slot].zero_()
+            self._seen[slot].zero_()
+            if output.numel():
+                self._counts[slot].index_put_((output,), torch.ones_like(output,
+                                              dtype=torch.int32), accumulate=True)
+            self._seen[slot, prompt] = True
+            self._seen[slot, output] = True
+            self._penalised.add(slot)
+        if params.logprobs:
+            self._top_counts[params.top_logprobs] += 1
+        self._params[slot] = params
+        self._active_cpu[slot] = True
+        return seed
+
+    def release(self, slot: int) -> None:
+        """Forget `slot`'s request; the slot is free for `admit`. Error if not admitted."""
+        self._check_slot(slot)
+        params = self._params[slot]
+        if params is None:
+            raise ValueError(f"slot {slot} is not admitted")
+        self._f[slot] = torch.tensor(_NEUTRAL_F, dtype=torch.float32)
+        self._i[slot] = 0
+        self._lp[slot] = -1
+        if params.logprobs:
+            self._top_counts[params.top_logprobs] -= 1
+            if not self._top_counts[params.top_logprobs]:
+                del self._top_counts[params.top_logprobs]
+        self._penalised.discard(slot)
+        if not self._penalised:       # last penalised request gone: drop the [N, V] state
+            self._counts = self._seen = None
+        self._params[slot] = None
+        self._active_cpu[slot] = False
+
+    # ------------------------------------------------------------------ the step
+
+    def _check_step(self, logits: torch.Tensor, slots: torch.Tensor,
+                    step_index: torch.Tensor) -> None:
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+            got = (list(logits.shape) if isinstance(logits, torch.Tensor)
+                   else type(logits).__name__)
+            raise ValueError(f"logits must be a 2-D tensor [S, V], got {got}")
+        if not logits.is_floating_point():
+            raise ValueError(f"logits must be floating point, got {logits.dtype}")
+        s, v = logits.shape
+        if v != self.vocab_size:
+            raise ValueError(f"logits have {v} columns, the sampler's vocab_size is "
+                             f"{self.vocab_size}")
+        for name, t in (("slots", slots), ("step_index", step_index)):
+            if not isinstance(t, torch.Tensor) or t.shape != (s,):
+                got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name} must be a tensor of shape [{s}], got {got}")
+            if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
+                raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
+        if slots.device.type == "cpu" and s:
+            if int(slots.min()) < 0 or int(slots.max()) >= self.max_slots:
+                raise ValueError(f"slots must be in [0, {self.max_slots}), got "
+                                 f"{slots.tolist()}")
+            if not bool(self._active_cpu[slots.long()].all()):
+                idle = [x for x in slots.tolist() if not self._active_cpu[x]]
+                raise ValueError(f"slots not admitted: {idle}")
+            if torch.unique(slots).numel() != s:
+                raise ValueError(f"slots repeat within a step: {slots.tolist()}")
+
+    def apply_penalties(self, logits: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """fp32 penalised copy of `logits` (rows for `slots`); the input is not modified.
+        Returns `logits` itself when no active request uses a penalty."""
+        if self._counts is None:
+            return logits
+        f = self._f[slots]
+        rep, pres, freq = f[:, _REP:_REP + 1], f[:, _PRES:_PRES + 1], f[:, _FREQ:_FREQ + 1]
+        counts = self._counts[slots]                       # [S, V] int32
+        x = logits.float()
+        x = torch.where(self._seen[slots], torch.where(x > 0, x / rep, x * rep), x)
+        x = x - freq * counts
+        return x - pres * (counts > 0)
+
+    def record(self, slots: torch.Tensor, token_ids: torch.Tensor) -> None:
+        """Count `token_ids[i]` as generated by `slots[i]`'s request (penalty state only;
+        a no-op while no active request uses a penalty). `sample()` calls it."""
+        if self._counts is None:
+            return
+        slots = slots.to(self.device, torch.int64)
+        token_ids = token_ids.to(self.device, torch.int64)
+        self._counts.index_put_((slots, token_ids),
+                                torch.ones_like(token_ids, dtype=torch.int32), accumulate=True)
+        self._seen[slots, token_ids] = True
+
+    def sample(self, logits: torch.Tensor, slots: torch.Tensor,
+               step_index: torch.Tensor) -> SampleResult:
+        """Draw one token per row: row i uses `slots[i]`'s request state and
+        `step_index[i]` (tokens that request generated so far) as the random counter."""
+        self._check_step(logits, slots, step_index)
+        dev = logits.device
+        if dev != self.device:
+            raise ValueError(f"logits are on {dev}, the sampler's state on {self.device}")
+        slots = slots.to(dev, torch.int64, non_blocking=True)
+        offsets = step_index.to(dev, torch.int64, non_blocking=True)
+
+        x = self.apply_penalties(logits, slots)
+        f = self._f[slots]
+        i = self._i[slots]
+        token_ids = sample_op(x, f[:, _TEMP], i[:, _TOP_K], f[:, _TOP_P], f[:, _MIN_P],
+                              i[:, _SEED], offsets)
+        self.record(slots, token_ids)
+        if not self._top_counts:
+            return SampleResult(token_ids)
+
+        # Raw logprobs (see the module docstring) for every row of the step.
+        lp_state = self._lp[slots]
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        k = min(max(self._top_counts), self.vocab_size)
+        top_lp, top_ids = lp.topk(k, dim=-1, sorted=True)
+        return SampleResult(
+            token_ids, lp.gather(1, token_ids[:, None])[:, 0], top_ids, top_lp,
+            lp_state[:, 0] > 0, lp_state[:, 1].clamp(min=0, max=k))
