@@ -25,6 +25,13 @@ class TokenLogprobAt:
     text_offset: int
 
 
+@dataclass(frozen=True, slots=True)
+class ChoiceUsage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
 @dataclass(slots=True)
 class ChoiceDelta:
     index: int
@@ -33,13 +40,6 @@ class ChoiceDelta:
     finish_reason: str | None = None   # "stop" | "length" | "abort" | "error"
     error: str | None = None
     usage: ChoiceUsage | None = None   # set on the finishing delta
-
-
-@dataclass(frozen=True, slots=True)
-class ChoiceUsage:
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
 
 
 class ChoiceProcessor:

@@ -352,3 +352,101 @@ def test_unmapped_ops_fall_back_and_are_counted(capsys, tmp_path):
     assert "2 node(s) without an ONNX mapping" in capsys.readouterr().err
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert json.loads(meta["tscompile.fallbacks"]) == {"method:frobnicate": 2}
+
+
+def test_more_standard_ops_compute_what_torch_does():
+    """The less common mappings (stack, where, exact gelu, ne, casts, (un)squeeze, size,
+    chunk, bool masks, alpha, python ints on `rank`), run with ONNX's reference evaluator."""
+    from onnx.reference import ReferenceEvaluator
+    torch = pytest.importorskip("torch")
+
+    nodes = [
+        _n("emb", "embedding", [N("input_ids"), {"tensor": "E"}], _t(["T", 4])),
+        _n("ae", "aten::embedding", [{"tensor": "E"}, N("input_ids")], _t(["T", 4])),
+        _n("st", "stack", [{"list": [N("emb"), N("ae")]}], _t(["T", 4, 2]), {"dim": -1}),
+        _n("pos", "ne", [N("emb"), 0.0], _t(["T", 4], "bool")),
+        _n("big", "method:gt", [N("emb"), 0.5], _t(["T", 4], "bool")),
+        _n("wh", "where", [N("big"), N("emb"), 0.0], _t(["T", 4])),
+        _n("ge", "gelu", [N("wh")], _t(["T", 4])),
+        _n("us", "method:unsqueeze", [N("ge"), 1], _t(["T", 1, 4])),
+        _n("sq", "squeeze", [N("us"), 1], _t(["T", 4])),
+        _n("n", "method:size", [N("sq"), 0], None),
+        _n("h", "method:to", [N("sq"), {"dtype": "float16"}], _t(["T", 4], "float16")),
+        _n("sm", "softmax", [N("h"), -1, {"dtype": "float32"}], _t(["T", 4])),
+        _n("tot", "method:sum", [N("sm")], _t([])),
+        _n("al", "add", [N("sm"), N("ge")], _t(["T", 4]), {"alpha": 2}),
+        _n("rk", "mul", [N("rank"), 3], None),
+        _n("off", "add", [N("al"), N("rk")], _t(["T", 4])),
+        _n("ex", "method:exp", [N("off")], _t(["T", 4])),
+        _n("pw", "pow", [N("ex"), 0.5], _t(["T", 4])),
+        _n("tt", "method:t", [N("pw")], _t([4, "T"])),
+        _n("ch", "method:chunk", [N("tt"), 2], [_t([2, "T"]), _t([2, "T"])]),
+        _n("c0", "getitem", [N("ch"), 0], _t([2, "T"])),
+        _n("c1", "getitem", [N("ch"), 1], _t([2, "T"])),
+        _n("d", "sub", [N("c0"), N("c1")], _t([2, "T"])),
+        _n("row", "getitem", [N("emb"), 0], _t([4])),
+        _n("m", "gt", [N("row"), 0.0], _t([4], "bool")),
+        _n("kept", "getitem", [N("row"), N("m")], _t(["K"])),
+        _n("n1", "sub", [N("n"), 1], None),
+        _n("last", "getitem", [N("st"), {"list": [N("n1"), None]}], _t([1, 4, 2])),
+    ]
+    prog = _prog(nodes, {"list": [N("st"), N("pos"), N("tot"), N("d"), N("kept"), N("last")]},
+                 {"E": _t([16, 4])},
+                 inputs=[{"name": "input_ids", "value": _t(["T"], "int64")},
+                         {"name": "meta", "value": None}, {"name": "rank", "value": None}],
+                 world=2)
+    ex = to_onnx(prog, rank=1)
+    assert ex.num_fallbacks == 0, ex.fallbacks
+    onnx.checker.check_model(ex.model, full_check=True)
+    assert "rank" in {i.name for i in ex.model.graph.input}
+
+    rng = np.random.default_rng(1)
+    ids = np.array([3, 1, 4, 1, 5], dtype=np.int64)
+    E = rng.standard_normal((16, 4)).astype(np.float32)
+    got = ReferenceEvaluator(ex.model).run(None, {"input_ids": ids, "E": E,
+                                                  "rank": np.array(1, dtype=np.int64)})
+
+    F = torch.nn.functional
+    emb = torch.from_numpy(E)[torch.from_numpy(ids)]
+    ge = F.gelu(torch.where(emb > 0.5, emb, 0.0)).unsqueeze(1).squeeze(1)
+    sm = torch.softmax(ge.to(torch.float16), -1, dtype=torch.float32)
+    pw = (torch.add(sm, ge, alpha=2) + 1 * 3).exp().pow(0.5)
+    c0, c1 = pw.t().chunk(2)
+    row = emb[0]
+    st = torch.stack([emb, emb], dim=-1)
+    want = [st, emb != 0, sm.sum(), c0 - c1, row[row > 0], st[emb.shape[0] - 1, None]]
+    assert len(got) == len(want)
+    for x, y in zip(got, want):
+        np.testing.assert_allclose(x, y.numpy(), rtol=1e-3, atol=1e-3)
+
+
+def test_a_refused_mapping_leaves_no_nodes_behind():
+    """A handler that emits helper nodes and then gives up (here: a view whose shape holds a
+    string, after the Unsqueeze/Constants for `t` and 2) falls back cleanly: none of them
+    stay behind."""
+    nodes = [
+        _n("emb", "embedding", [N("input_ids"), {"tensor": "E"}], _t(["T", 4])),
+        _n("sh", "getattr", [N("emb"), "shape"], None),
+        _n("t", "getitem", [N("sh"), 0], None),
+        _n("v", "method:view", [N("emb"), N("t"), 2, "two"], _t(["T", "Q", 2])),
+    ]
+    ex = to_onnx(_prog(nodes, N("v"), {"E": _t([16, 4])}))
+    assert ex.fallbacks == Counter({"method:view": 1})
+    onnx.checker.check_model(ex.model)
+    # emb, then t = Shape(emb)[0] (read by the fallback), then the fallback itself
+    assert [n.op_type for n in ex.model.graph.node] == [
+        "Gather", "Shape", "Constant", "Gather", "method_view"]
+
+
+def test_op_tables_are_disjoint_and_the_shim_is_the_package():
+    """Each op family's table owns its ops (a clash would silently shadow a handler), and the
+    old import path serves the package's functions."""
+    import tscompile.onnx as pkg
+    import tscompile.onnx_export as shim
+    from tscompile.onnx import indexing, shapes, standard
+    from tscompile.onnx.exporter import HANDLERS
+    tables = [standard.OPS, shapes.OPS, indexing.OPS]
+    assert sum(map(len, tables)) == len(HANDLERS)
+    assert {"linear", "add", "method:view", "getitem", "cat", "stack"} <= set(HANDLERS)
+    assert (shim.export_onnx, shim.to_onnx, shim.OnnxExport) == (
+        pkg.export_onnx, pkg.to_onnx, pkg.OnnxExport)
