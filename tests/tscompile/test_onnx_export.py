@@ -1,4 +1,4 @@
-"""`tscompile export --onnx`: the per-rank graph as an ONNX model (tscompile/onnx_export.py)."""
+"""`tscompile export --onnx`: the per-rank graph as an ONNX model (tscompile/onnx/)."""
 from __future__ import annotations
 
 import json
@@ -421,21 +421,21 @@ def test_more_standard_ops_compute_what_torch_does():
 
 
 def test_a_refused_mapping_leaves_no_nodes_behind():
-    """A handler that emits helper nodes and then gives up (here: a view whose shape holds a
-    string, after the Unsqueeze/Constants for `t` and 2) falls back cleanly: none of them
-    stay behind."""
+    """A handler that emits nodes and then gives up falls back cleanly: linear with a bias
+    that is not a tensor has already emitted W's Transpose; that node goes, and the next
+    linear on W makes its own instead of reading the dropped one."""
     nodes = [
         _n("emb", "embedding", [N("input_ids"), {"tensor": "E"}], _t(["T", 4])),
-        _n("sh", "getattr", [N("emb"), "shape"], None),
-        _n("t", "getitem", [N("sh"), 0], None),
-        _n("v", "method:view", [N("emb"), N("t"), 2, "two"], _t(["T", "Q", 2])),
+        _n("bad", "linear", [N("emb"), {"tensor": "W"}, 3], _t(["T", 8])),
+        _n("lin", "linear", [N("emb"), {"tensor": "W"}], _t(["T", 8])),
     ]
-    ex = to_onnx(_prog(nodes, N("v"), {"E": _t([16, 4])}))
-    assert ex.fallbacks == Counter({"method:view": 1})
+    ex = to_onnx(_prog(nodes, {"list": [N("bad"), N("lin")]},
+                       {"E": _t([16, 4]), "W": _t([8, 4])}))
+    assert ex.fallbacks == Counter({"linear": 1})
     onnx.checker.check_model(ex.model)
-    # emb, then t = Shape(emb)[0] (read by the fallback), then the fallback itself
-    assert [n.op_type for n in ex.model.graph.node] == [
-        "Gather", "Shape", "Constant", "Gather", "method_view"]
+    graph = ex.model.graph.node
+    assert [n.op_type for n in graph] == ["Gather", "linear", "Transpose", "MatMul"]
+    assert graph[3].input[1] == graph[2].output[0]
 
 
 def test_op_tables_are_disjoint_and_the_shim_is_the_package():

@@ -1,0 +1,230 @@
+"""The execution plane on the engine rank: plan -> inputs -> program -> sample -> events.
+
+What it is: `Engine`, which owns the C++ scheduler (one per model replica), the batch
+sampler and the per-request bookkeeping the API needs (prompt length, cached tokens,
+generated ids, the request's seed), and runs one step at a time: the plan's arrays become
+the program's inputs (broadcast to the other TP ranks), rank 0's logits are sampled, and
+the sampled ids go back to the scheduler, which decides stop-token and length finishes.
+What it is not: the API (tokenization, stop strings, streaming: runtime/server/) or the
+process launch (runtime/serve.py). Requests are `protocol.AddRequest`; every result is a
+`protocol.RequestOutput`, and a request the engine cannot take gets an error output,
+never an exception that would stop the loop.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from tscompile.runtime._scheduler import (
+    FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, Scheduler,
+)
+from tscompile.runtime.program import RankProgram
+from tscompile.runtime.protocol import AddRequest, EngineStats, RequestOutput
+from tscompile.runtime.sampler import BatchSampler
+from tscompile.runtime.step_io import StepInputs, broadcast_step
+
+log = logging.getLogger(__name__)
+
+FINISH_NAMES = {FINISH_STOP: "stop", FINISH_LENGTH: "length", FINISH_ABORT: "abort",
+                FINISH_ERROR: "error"}
+FINISH_CODES = {"stop": FINISH_STOP, "length": FINISH_LENGTH, "abort": FINISH_ABORT,
+                "error": FINISH_ERROR}
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    max_num_seqs: int = 32               # running requests (block-table rows)
+    max_num_batched_tokens: int = 512    # tokens per step (decodes + prefill chunks)
+    max_model_len: int | None = None     # default: the model's max_position_embeddings
+    page_size: int = 16
+    kv_cache_tokens: int | None = None   # KV pool size in tokens (default below)
+    kv_memory_fraction: float | None = None   # CUDA: fraction of free memory for KV
+    session_ttl: float = 60.0            # seconds a finished session's prefix stays pinned
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "page_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, "
+                                 f"got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"--max-model-len must be >= 2, got {self.max_model_len}")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.page_size:
+            raise ValueError(f"--kv-cache-tokens must hold at least one page "
+                             f"({self.page_size} tokens), got {self.kv_cache_tokens}")
+        if self.kv_memory_fraction is not None and not 0 < self.kv_memory_fraction < 1:
+            raise ValueError(f"--kv-memory-fraction must be in (0, 1), "
+                             f"got {self.kv_memory_fraction}")
+        if self.kv_cache_tokens is not None and self.kv_memory_fraction is not None:
+            raise ValueError("give --kv-cache-tokens or --kv-memory-fraction, not both")
+        if self.session_ttl < 0:
+            raise ValueError(f"--session-ttl must be >= 0, got {self.session_ttl}")
+
+
+def kv_blocks(cfg: EngineConfig, bytes_per_token: int, device: torch.device) -> int:
+    """Pool size in blocks: explicit tokens; else on CUDA a fraction of free memory; else
+    (CPU) 16K tokens."""
+    if cfg.kv_cache_tokens is not None:
+        tokens = cfg.kv_cache_tokens
+    elif device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        tokens = int(free * (cfg.kv_memory_fraction or 0.85)) // max(1, bytes_per_token)
+    else:
+        tokens = 16384
+    return max(1, tokens // cfg.page_size)
+
+
+@dataclass
+class _Live:
+    rid: str
+    params: object
+    prompt: tuple[int, ...]
+    outputs: list[int] = field(default_factory=list)
+    slot: int | None = None
+    seed: int | None = None
+    cached: int | None = None
+
+
+class Engine:
+    def __init__(self, program: RankProgram, cfg: EngineConfig, *, vocab_size: int,
+                 eos_token_ids: tuple[int, ...] = (), max_position_embeddings: int | None = None,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        self.program, self.cfg = program, cfg
+        self.device = torch.device(device)
+        self.vocab_size, self.eos = vocab_size, tuple(eos_token_ids)
+        self.max_model_len = cfg.max_model_len or max_position_embeddings or 4096
+        elem = torch.empty(0, dtype=dtype).element_size()
+        per_token = program.prog.manifest["kv_cache"]["elements_per_token_per_rank"] * elem
+        self.num_blocks = kv_blocks(cfg, per_token, self.device)
+        program.bind_kv_caches(self.num_blocks, cfg.page_size, dtype=dtype, device=self.device)
+        self.sched = Scheduler(
+            num_blocks=self.num_blocks, page_size=cfg.page_size, max_num_seqs=cfg.max_num_seqs,
+            max_num_batched_tokens=cfg.max_num_batched_tokens, max_model_len=self.max_model_len,
+            session_ttl=cfg.session_ttl, enable_prefix_caching=cfg.enable_prefix_caching)
+        self.block_table = self.sched.block_table
+        self.sampler = BatchSampler(cfg.max_num_seqs, vocab_size, self.device)
+        self.live: dict[int, _Live] = {}
+        self.ids: dict[str, int] = {}
+        self._next = 0
+
+    # -------------------------------------------------------------- requests in and out
+
+    def add(self, req: AddRequest) -> RequestOutput | None:
+        """Queue a request; an immediate error output if the engine cannot take it."""
+        def error(msg: str) -> RequestOutput:
+            return RequestOutput(req.rid, finish_reason="error", prompt_tokens=len(req.prompt_ids),
+                                 error=msg)
+        if req.rid in self.ids:
+            return error(f"request id {req.rid!r} is already running")
+        bad = [t for t in req.prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            return error(f"prompt token id {bad[0]} outside the vocabulary [0, {self.vocab_size})")
+        if len(req.prompt_ids) >= self.max_model_len:
+            return error(f"prompt of {len(req.prompt_ids)} tokens does not fit max_model_len "
+                         f"{self.max_model_len}")
+        p = req.params
+        stop = tuple(p.stop_token_ids) + (() if p.ignore_eos else self.eos)
+        rid = self._next
+        self._next += 1
+        self.sched.add_request(rid, np.asarray(req.prompt_ids, np.int32), p.max_tokens,
+                               list(stop), req.session_id or "", req.arrival)
+        self.live[rid] = _Live(req.rid, p, tuple(req.prompt_ids))
+        self.ids[req.rid] = rid
+        return None
+
+    def abort(self, rid: str, reason: str = "abort") -> RequestOutput | None:
+        """Finish a live request now; None if it already finished (a benign race)."""
+        key = self.ids.get(rid)
+        if key is None:
+            return None
+        self.sched.abort(key, FINISH_CODES[reason], time.monotonic())
+        return self._finish(key, reason)
+
+    def _finish(self, key: int, reason: str) -> RequestOutput:
+        r = self.live.pop(key)
+        del self.ids[r.rid]
+        if r.slot is not None:
+            self.sampler.release(r.slot)
+        return RequestOutput(r.rid, finish_reason=reason, prompt_tokens=len(r.prompt),
+                             cached_tokens=r.cached or 0)
+
+    @property
+    def has_work(self) -> bool:
+        return self.sched.has_work
+
+    def stats(self) -> EngineStats:
+        s = self.sched.stats()
+        return EngineStats(running=s["running"], waiting=s["waiting"],
+                           kv_blocks_total=s["blocks_total"], kv_blocks_used=s["blocks_in_use"],
+                           prefix_hit_tokens=s["prefix_hit_tokens"],
+                           prompt_tokens=s["prompt_tokens"],
+                           generation_tokens=s["generated_tokens"],
+                           preemptions=s["preemptions"])
+
+    # -------------------------------------------------------------- one step
+
+    @torch.no_grad()
+    def step(self) -> list[RequestOutput]:
+        now = time.monotonic()
+        plan = self.sched.plan(now)
+        for key in plan["preempted_ids"].tolist():
+            r = self.live[key]
+            self.sampler.release(r.slot)
+            r.slot = None
+        for key, slot, cached in zip(plan["admitted_ids"].tolist(),
+                                     plan["admitted_slots"].tolist(),
+                                     plan["admitted_cached"].tolist()):
+            r = self.live[key]
+            r.slot = slot
+            r.cached = cached if r.cached is None else r.cached
+            r.seed = self.sampler.admit(slot, r.params, r.prompt, r.outputs, seed=r.seed)
+        if not self.sched.plan_pending:
+            return []
+        try:
+            inputs = StepInputs.from_plan(plan, self.block_table, self.cfg.page_size, self.device)
+            broadcast_step(inputs)
+            logits = self.program(inputs.input_ids, inputs.positions, inputs.meta)
+            rows = plan["sample"] == 1
+            keys = plan["req_ids"][rows].tolist()
+            slots = torch.from_numpy(plan["slots"][rows].astype(np.int64))
+            steps = torch.tensor([len(self.live[k].outputs) for k in keys], dtype=torch.int64)
+            result = self.sampler.sample(logits, slots, steps)
+        except Exception as e:       # keep serving: fail this step's requests, not the engine
+            log.exception("step failed")
+            return self._fail_step(plan, f"{type(e).__name__}: {e}")
+        tokens = result.token_ids.cpu().numpy().astype(np.int32)
+        codes = self.sched.update(tokens, time.monotonic())
+        lps = result.token_logprobs() if result.logprobs is not None else [None] * len(keys)
+        outs = []
+        for key, tok, code, lp in zip(keys, tokens.tolist(), codes.tolist(), lps):
+            r = self.live.get(key)
+            if r is None:            # aborted while the step ran
+                continue
+            r.outputs.append(tok)
+            reason = FINISH_NAMES.get(code)
+            out = RequestOutput(r.rid, (tok,), (lp,) if lp is not None else (),
+                                finish_reason=reason, prompt_tokens=len(r.prompt),
+                                cached_tokens=r.cached or 0)
+            if reason is not None:
+                self._finish(key, reason)
+            outs.append(out)
+        return outs
+
+    def _fail_step(self, plan, message: str) -> list[RequestOutput]:
+        self.sched.update(np.zeros(int(plan["num_sample"]), np.int32), time.monotonic())
+        outs = []
+        for key in dict.fromkeys(plan["req_ids"].tolist()):
+            if key not in self.live:
+                continue
+            try:
+                self.sched.abort(key, FINISH_ERROR, time.monotonic())
+            except KeyError:
+                pass                 # the placeholder update above already finished it
+            out = self._finish(key, "error")
+            outs.append(RequestOutput(out.rid, finish_reason="error",
+                                      prompt_tokens=out.prompt_tokens, error=message))
+        return outs

@@ -1,0 +1,360 @@
+"""tsrun's HTTP front: an OpenAI-compatible FastAPI app over an `EngineClient`.
+
+Routes: POST /v1/chat/completions, POST /v1/completions (streaming SSE or whole), GET
+/v1/models, GET /health (503 while the engine is not ready or dead), GET /metrics.
+
+Per request: validate (400 with OpenAI's error JSON naming the field; 401 bad API key;
+404 unknown model) -> render the chat template / tokenize off the event loop -> fan out n
+samples per prompt as engine requests `{id}-{choice}` (sample i gets seed+i) -> merge the
+choices' deltas (serving.py) into chunks or one body (responses.py). A client that goes
+away mid-request (stream or not) aborts its engine requests.
+
+What it is not: the engine, the CLI that wires the processes together, tool-call or
+reasoning parsing (not yet).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import jinja2
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.concurrency import run_in_threadpool
+
+from tscompile.runtime.protocol import MAX_TOP_LOGPROBS, AddRequest, SamplingParams
+from tscompile.runtime.server import responses as R
+from tscompile.runtime.server.detokenizer import TokenTable
+from tscompile.runtime.server.engine_client import EngineClient
+from tscompile.runtime.server.errors import APIError, from_value_error, install_error_handlers
+from tscompile.runtime.server.metrics import Metrics
+from tscompile.runtime.server.schemas import (ChatCompletionRequest, CompletionRequest,
+                                              SamplingFields)
+from tscompile.runtime.server.serving import ChoiceSpec, Generation
+
+
+def create_app(client: EngineClient, tokenizer: Any, *, model_name: str, max_model_len: int,
+               api_key: str | None = None, max_n: int = 8,
+               session_ttl_header: str = "x-session-id") -> FastAPI:
+    """`session_ttl_header`: the request header carrying the session id (it wins over the
+    body's `user`); the engine keeps a session's prefix cached between turns."""
+    server = OpenAIServer(client, tokenizer, model_name=model_name,
+                          max_model_len=max_model_len, max_n=max_n,
+                          session_header=session_ttl_header)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await client.start()
+        try:
+            yield
+        finally:
+            client.close()
+
+    app = FastAPI(title="tsrun", lifespan=lifespan)
+    app.state.server = server
+    install_error_handlers(app)
+
+    def check_api_key(request: Request) -> None:
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), api_key):
+            raise APIError(401, "invalid API key: send it as 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)] if api_key else [])
+    v1.add_api_route("/chat/completions", server.chat, methods=["POST"])
+    v1.add_api_route("/completions", server.completions, methods=["POST"])
+    v1.add_api_route("/models", server.models, methods=["GET"])
+    app.include_router(v1)
+    app.add_api_route("/health", server.health, methods=["GET"])
+    app.add_api_route("/metrics", server.metrics_endpoint, methods=["GET"])
+    return app
+
+
+class OpenAIServer:
+    def __init__(self, client: EngineClient, tokenizer: Any, *, model_name: str,
+                 max_model_len: int, max_n: int, session_header: str):
+        if max_model_len < 2:
+            raise ValueError(f"max_model_len: must be >= 2, got {max_model_len}")
+        if max_n < 1:
+            raise ValueError(f"max_n: must be >= 1, got {max_n}")
+        self.client = client
+        self.tokenizer = tokenizer
+        self.token_table = TokenTable(tokenizer)
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.max_n = max_n
+        self.session_header = session_header
+        self.metrics = Metrics(client)
+        self.created = int(time.time())
+
+    # ------------------------------------------------------------------ small routes
+
+    async def health(self) -> JSONResponse:
+        if self.client.healthy:
+            return JSONResponse({"status": "ok"})
+        why = self.client.dead_reason or "engine is not ready yet"
+        return JSONResponse({"status": "unavailable", "reason": why}, status_code=503)
+
+    async def metrics_endpoint(self) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    async def models(self) -> dict[str, Any]:
+        return {"object": "list",
+                "data": [{"id": self.model_name, "object": "model", "created": self.created,
+                          "owned_by": "tscompile", "max_model_len": self.max_model_len}]}
+
+    # ------------------------------------------------------------------ generation routes
+
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Any:
+        arrival = time.monotonic()
+        self._check_common(body)
+        max_field = "max_completion_tokens" if body.max_completion_tokens is not None \
+            else "max_tokens"
+        max_tokens = getattr(body, max_field)
+        params = self._params(body, max_tokens, logprobs=body.logprobs,
+                              top_logprobs=body.top_logprobs or 0)
+        try:
+            messages = [m.for_template(f"messages[{i}]") for i, m in enumerate(body.messages)]
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
+        prompt_ids = await run_in_threadpool(self._render_chat, messages)
+        meta = R.ResponseMeta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()),
+                              self.model_name, params.top_logprobs)
+        specs = self._specs(meta.id, body, params, [prompt_ids], max_tokens, max_field,
+                            "messages", request, arrival)
+        gen = Generation(self.client, self.tokenizer, self.metrics, specs)
+        if body.stream:
+            return self._streaming(self._chat_stream(gen, meta, len(specs), body))
+        choices = await self._collect(gen, request, len(specs))
+        return R.chat_body(meta, self.token_table, choices, gen.usage().as_dict(),
+                           body.logprobs)
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Any:
+        arrival = time.monotonic()
+        self._check_common(body)
+        if body.echo:
+            raise APIError(400, "echo: not supported", param="echo")
+        if body.logprobs is not None and not 0 <= body.logprobs <= MAX_TOP_LOGPROBS:
+            raise APIError(400, f"logprobs: must be in [0, {MAX_TOP_LOGPROBS}], "
+                                f"got {body.logprobs}", param="logprobs")
+        want_lp = body.logprobs is not None
+        params = self._params(body, body.max_tokens, logprobs=want_lp,
+                              top_logprobs=body.logprobs or 0)
+        prompts = await run_in_threadpool(self._tokenize_prompts, body.prompt)
+        meta = R.ResponseMeta(f"cmpl-{uuid.uuid4().hex}", int(time.time()), self.model_name,
+                              params.top_logprobs)
+        specs = self._specs(meta.id, body, params, prompts, body.max_tokens, "max_tokens",
+                            "prompt", request, arrival)
+        gen = Generation(self.client, self.tokenizer, self.metrics, specs)
+        if body.stream:
+            return self._streaming(self._completion_stream(gen, meta, body, want_lp))
+        choices = await self._collect(gen, request, len(specs))
+        return R.completion_body(meta, self.token_table, choices, gen.usage().as_dict(),
+                                 want_lp)
+
+    # ------------------------------------------------------------------ validation
+
+    def _check_common(self, body: SamplingFields) -> None:
+        if body.model is not None and body.model != self.model_name:
+            raise APIError(404, f"model: {body.model!r} does not exist; this server serves "
+                                f"{self.model_name!r} (see /v1/models)",
+                           param="model", code="model_not_found")
+        if not 1 <= body.n <= self.max_n:
+            raise APIError(400, f"n: must be in [1, {self.max_n}], got {body.n}", param="n")
+        if not self.client.healthy:
+            raise APIError(503, f"engine unavailable: "
+                                f"{self.client.dead_reason or 'not ready yet'}",
+                           type="server_error", code=503)
+
+    def _params(self, body: SamplingFields, max_tokens: int | None, *, logprobs: bool,
+                top_logprobs: int) -> SamplingParams:
+        """SamplingParams with everything but the final max_tokens and seed; its
+        __post_init__ gives the `field: why, got X` messages."""
+        given = {k: getattr(body, k) for k in (
+            "temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+            "repetition_penalty", "seed") if getattr(body, k) is not None}
+        if body.top_k is not None:
+            given["top_k"] = 0 if body.top_k == -1 else body.top_k   # vLLM's "off"
+        stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
+        if any(not s for s in stops):
+            raise APIError(400, "stop: stop strings must be non-empty", param="stop")
+        try:
+            return SamplingParams(
+                max_tokens=1 if max_tokens is None else max_tokens,
+                stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos,
+                logprobs=logprobs, top_logprobs=top_logprobs, **given)
+        except ValueError as e:
+            err = from_value_error(e)
+            if err.param == "max_tokens" and max_tokens is not None:   # name the field sent
+                err = APIError(400, f"{_max_field(body)}: must be >= 1, got {max_tokens}",
+                               param=_max_field(body))
+            raise err from None
+
+    def _render_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except (jinja2.TemplateError, ValueError, TypeError) as e:
+            raise APIError(400, f"messages: the chat template rejected them: {e}",
+                           param="messages") from None
+        return self.tokenizer.encode(text)
+
+    def _tokenize_prompts(self, prompt: str | list[Any]) -> list[list[int]]:
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        elif prompt and isinstance(prompt[0], int):
+            prompt = [prompt]
+        if not prompt:
+            raise APIError(400, "prompt: must not be empty", param="prompt")
+        vocab = self.client.ready.vocab_size if self.client.ready else self.tokenizer.vocab_size
+        out = []
+        for p in prompt:
+            ids = self.tokenizer.encode(p, add_special_tokens=True) if isinstance(p, str) \
+                else list(p)
+            if bad := [t for t in ids if not 0 <= t < vocab]:
+                raise APIError(400, f"prompt: token ids must be in [0, {vocab}), got {bad[0]}",
+                               param="prompt")
+            out.append(ids)
+        return out
+
+    def _specs(self, rid: str, body: SamplingFields, params: SamplingParams,
+               prompts: Sequence[list[int]], max_tokens: int | None, max_field: str,
+               prompt_field: str, request: Request, arrival: float) -> list[ChoiceSpec]:
+        session = request.headers.get(self.session_header) or body.user
+        stops = tuple([body.stop] if isinstance(body.stop, str) else body.stop or [])
+        specs = []
+        for p, ids in enumerate(prompts):
+            if not ids:
+                raise APIError(400, f"{prompt_field}: must not be empty", param=prompt_field)
+            room = self.max_model_len - len(ids)
+            if max_tokens is not None and max_tokens > room:
+                raise self._too_long(len(ids), max_tokens, max_field)
+            if room < 1:
+                raise self._too_long(len(ids), 1, prompt_field)
+            p_params = dataclasses.replace(
+                params, max_tokens=room if max_tokens is None else max_tokens)
+            for i in range(body.n):
+                seed = None if body.seed is None else body.seed + i
+                index = p * body.n + i
+                specs.append(ChoiceSpec(
+                    index, p, AddRequest(f"{rid}-{index}", tuple(ids),
+                                         dataclasses.replace(p_params, seed=seed),
+                                         session_id=session, arrival=arrival), stops))
+        return specs
+
+    def _too_long(self, n_prompt: int, n_out: int, param: str) -> APIError:
+        return APIError(400, f"{param}: this model's maximum context length is "
+                             f"{self.max_model_len} tokens, but you requested "
+                             f"{n_prompt + n_out} ({n_prompt} in the prompt, {n_out} for the "
+                             f"completion); shorten the prompt or lower max_tokens",
+                        param=param, code="context_length_exceeded")
+
+    # ------------------------------------------------------------------ running
+
+    def _engine_error(self, why: str | None) -> APIError:
+        status = 500 if self.client.healthy else 503
+        return APIError(status, f"generation failed: {why or 'engine error'}",
+                        type="server_error", code=status)
+
+    async def _collect(self, gen: Generation, request: Request,
+                       n: int) -> list[R.ChoiceResult]:
+        """Run to the end, unless the client disconnects first (then abort)."""
+        async def run() -> list[R.ChoiceResult]:
+            results = [R.ChoiceResult() for _ in range(n)]
+            async with contextlib.aclosing(gen.stream()) as deltas:
+                async for d in deltas:
+                    if d.finish_reason == "error":
+                        raise self._engine_error(d.error)
+                    results[d.index].add(d)
+            return results
+
+        work = asyncio.create_task(run())
+        gone = asyncio.create_task(_wait_disconnect(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if work.done():
+                return work.result()
+            raise APIError(499, "client closed the request", type="client_closed")
+        finally:
+            work.cancel()
+            gone.cancel()
+
+    @staticmethod
+    def _streaming(chunks: AsyncIterator[str]) -> StreamingResponse:
+        return StreamingResponse(chunks, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    async def _deltas(self, gen: Generation) -> AsyncIterator[Any]:
+        """gen.stream() with failures turned into one error event (the status line is sent
+        already, so errors travel in the stream, as OpenAI does)."""
+        try:
+            async with contextlib.aclosing(gen.stream()) as deltas:
+                async for d in deltas:
+                    if d.finish_reason == "error":
+                        yield self._engine_error(d.error)
+                        return
+                    yield d
+        except Exception as e:       # noqa: BLE001 - must end the stream cleanly
+            yield self._engine_error(f"{type(e).__name__}: {e}")
+
+    async def _chat_stream(self, gen: Generation, meta: R.ResponseMeta, n: int,
+                           body: ChatCompletionRequest) -> AsyncIterator[str]:
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        for i in range(n):
+            yield R.sse(R.chat_chunk(meta, i, {"role": "assistant", "content": ""},
+                                     include_usage=usage))
+        async with contextlib.aclosing(self._deltas(gen)) as deltas:
+            async for d in deltas:
+                if isinstance(d, APIError):
+                    yield R.sse(d.body())
+                    yield R.DONE
+                    return
+                if not (d.text or d.logprobs or d.finish_reason):
+                    continue
+                lp = (R.chat_logprobs(self.token_table, d.logprobs, meta.top_logprobs)
+                      if body.logprobs and d.logprobs else None)
+                delta = {"content": d.text} if d.text or not d.finish_reason else {}
+                yield R.sse(R.chat_chunk(meta, d.index, delta, logprobs=lp,
+                                         finish_reason=d.finish_reason, include_usage=usage))
+        if usage:
+            yield R.sse(R.usage_chunk(meta, "chat.completion.chunk", gen.usage().as_dict()))
+        yield R.DONE
+
+    async def _completion_stream(self, gen: Generation, meta: R.ResponseMeta,
+                                 body: CompletionRequest, want_lp: bool) -> AsyncIterator[str]:
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        async with contextlib.aclosing(self._deltas(gen)) as deltas:
+            async for d in deltas:
+                if isinstance(d, APIError):
+                    yield R.sse(d.body())
+                    yield R.DONE
+                    return
+                if not (d.text or d.logprobs or d.finish_reason):
+                    continue
+                lp = (R.completion_logprobs(self.token_table, d.logprobs, meta.top_logprobs)
+                      if want_lp and d.logprobs else None)
+                yield R.sse(R.completion_chunk(meta, d.index, d.text, logprobs=lp,
+                                               finish_reason=d.finish_reason,
+                                               include_usage=usage))
+        if usage:
+            yield R.sse(R.usage_chunk(meta, "text_completion", gen.usage().as_dict()))
+        yield R.DONE
+
+
+def _max_field(body: SamplingFields) -> str:
+    return "max_completion_tokens" if getattr(body, "max_completion_tokens", None) is not None \
+        else "max_tokens"
+
+
+async def _wait_disconnect(request: Request) -> None:
+    """Returns when the client goes away (the body is already read, so the next ASGI
+    message can only be http.disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
