@@ -1,22 +1,73 @@
 """The `tsrun` command: serve a compiled `.tsprog` behind an OpenAI-compatible API.
 
-Serving (scheduler, execution loop, HTTP server) is built by the runtime issue on top of the
-reference path that exists today (`tscompile generate`). Until then this command refuses
-with a clear message instead of pretending to serve.
+    tsrun prog.tsprog --weights DIR [--port 8000]        # ranks = the program's world size
+    tsrun prog.tsprog --dummy-weights --tokenizer DIR    # deterministic random weights
+
+Defaults come from the dataclasses they configure (`EngineConfig`, `ServeConfig`).
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+
+from tscompile.runtime.engine import EngineConfig
+from tscompile.runtime.serve import ServeConfig
+
+_E = EngineConfig()
+_S = ServeConfig(program="-", dummy_weights=True)
+
+
+def parse(argv: list[str] | None = None) -> ServeConfig:
+    p = argparse.ArgumentParser(prog="tsrun", description=__doc__.split("\n")[0])
+    p.add_argument("program", help="a .tsprog built by `tscompile build`")
+    w = p.add_mutually_exclusive_group(required=True)
+    w.add_argument("--weights", help="Hugging Face checkpoint folder (safetensors)")
+    w.add_argument("--dummy-weights", action="store_true", help="deterministic random weights")
+    p.add_argument("--seed", type=int, default=_S.seed, help="seed of --dummy-weights")
+    p.add_argument("--tokenizer", help="folder with tokenizer.json (default: --weights)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=_S.device)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=_S.dtype)
+    p.add_argument("--host", default=_S.host, help="bind address (default: localhost only)")
+    p.add_argument("--port", type=int, default=_S.port)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--served-model-name", help="the model id clients send (default: "
+                                               "the program's file name)")
+    p.add_argument("--max-num-seqs", type=int, default=_E.max_num_seqs)
+    p.add_argument("--max-num-batched-tokens", type=int, default=_E.max_num_batched_tokens)
+    p.add_argument("--max-model-len", type=int, default=_E.max_model_len)
+    kv = p.add_mutually_exclusive_group()
+    kv.add_argument("--kv-cache-tokens", type=int, default=_E.kv_cache_tokens)
+    kv.add_argument("--kv-memory-fraction", type=float, default=_E.kv_memory_fraction)
+    p.add_argument("--page-size", type=int, default=_E.page_size)
+    p.add_argument("--session-ttl", type=float, default=_E.session_ttl,
+                   help="seconds a finished session's prefix stays pinned in the KV cache")
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--threads-per-rank", type=int, help="CPU threads per rank process")
+    a = p.parse_args(argv)
+    engine = EngineConfig(
+        max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
+        max_model_len=a.max_model_len, page_size=a.page_size,
+        kv_cache_tokens=a.kv_cache_tokens, kv_memory_fraction=a.kv_memory_fraction,
+        session_ttl=a.session_ttl, enable_prefix_caching=not a.no_prefix_caching)
+    return ServeConfig(program=a.program, weights=a.weights, dummy_weights=a.dummy_weights,
+                       seed=a.seed, tokenizer=a.tokenizer, device=a.device, dtype=a.dtype,
+                       host=a.host, port=a.port, api_key=a.api_key,
+                       served_model_name=a.served_model_name,
+                       threads_per_rank=a.threads_per_rank, engine=engine)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tsrun", description=__doc__.split("\n")[0])
-    parser.add_argument("program", help="a .tsprog built by `tscompile build`")
-    parser.parse_args(argv)
-    print("tsrun: serving is not implemented yet (it needs the compiler's .tsprog and the "
-          "runtime scheduler); run a model offline with `tscompile generate`", file=sys.stderr)
-    return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s tsrun %(message)s")
+    try:
+        cfg = parse(argv)
+        from tscompile.runtime.serve import serve
+        return serve(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"tsrun: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
 
 
 if __name__ == "__main__":

@@ -50,7 +50,8 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     loc = [str(x) for x in err.get("loc", ()) if x != "body"]
     if err.get("type") == "json_invalid":
         why = (err.get("ctx") or {}).get("error", err.get("msg"))
-        return APIError(400, f"malformed JSON in the request body: {why}")
+        at = f" at char {loc[0]}" if loc else ""
+        return APIError(400, f"malformed JSON in the request body{at}: {why}")
     if not loc:
         return APIError(400, f"request body: {err.get('msg')} (expected a JSON object)")
     # Union members show up in loc as type names ('str', 'list[int]'); keep the field path.

@@ -237,7 +237,7 @@ class OpenAIServer:
             if max_tokens is not None and max_tokens > room:
                 raise self._too_long(len(ids), max_tokens, max_field)
             if room < 1:
-                raise self._too_long(len(ids), 1, prompt_field)
+                raise self._too_long(len(ids), None, prompt_field)
             p_params = dataclasses.replace(
                 params, max_tokens=room if max_tokens is None else max_tokens)
             for i in range(body.n):
@@ -249,11 +249,15 @@ class OpenAIServer:
                                          session_id=session, arrival=arrival), stops))
         return specs
 
-    def _too_long(self, n_prompt: int, n_out: int, param: str) -> APIError:
+    def _too_long(self, n_prompt: int, n_out: int | None, param: str) -> APIError:
+        if n_out is None:
+            why = (f"the prompt is {n_prompt} tokens, which leaves no room to generate; "
+                   f"shorten the prompt")
+        else:
+            why = (f"you requested {n_prompt + n_out} ({n_prompt} in the prompt, {n_out} for "
+                   f"the completion); shorten the prompt or lower {param}")
         return APIError(400, f"{param}: this model's maximum context length is "
-                             f"{self.max_model_len} tokens, but you requested "
-                             f"{n_prompt + n_out} ({n_prompt} in the prompt, {n_out} for the "
-                             f"completion); shorten the prompt or lower max_tokens",
+                             f"{self.max_model_len} tokens, but {why}",
                         param=param, code="context_length_exceeded")
 
     # ------------------------------------------------------------------ running

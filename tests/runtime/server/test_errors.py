@@ -1,0 +1,113 @@
+"""Bad input gets OpenAI's error JSON with the right status and the field named, and the
+server keeps serving; API key enforcement; a dead engine turns /health and requests 503."""
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from .conftest import MAX_MODEL_LEN, MODEL, REPLY, serve
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+LONG = "word " * (MAX_MODEL_LEN + 10)
+
+# (route, body or raw bytes, status, param, words the message must contain)
+CASES = [
+    ("chat", b'{"model": "x", "messages": [', 400, None, "malformed JSON"),
+    ("chat", b'[1, 2]', 400, None, "request body"),
+    ("chat", {"model": MODEL}, 400, "messages", "messages"),
+    ("chat", {**CHAT, "messages": []}, 400, "messages", "messages"),
+    ("chat", {**CHAT, "messages": [{"content": "no role"}]}, 400, "messages", "role"),
+    ("chat", {**CHAT, "temperature": "hot"}, 400, "temperature", "temperature"),
+    ("chat", {**CHAT, "max_tokens": 1.5}, 400, "max_tokens", "max_tokens"),
+    ("chat", {**CHAT, "stream": "yes"}, 400, "stream", "stream"),
+    ("chat", {**CHAT, "stop": 3}, 400, "stop", "stop"),
+    ("chat", {**CHAT, "stop": ["ok", ""]}, 400, "stop", "stop"),
+    ("chat", {**CHAT, "model": "gpt-9"}, 404, "model", "gpt-9"),
+    ("chat", {**CHAT, "max_tokens": 0}, 400, "max_tokens", "max_tokens"),
+    ("chat", {**CHAT, "max_completion_tokens": -3}, 400, "max_completion_tokens",
+     "max_completion_tokens"),
+    ("chat", {**CHAT, "max_tokens": MAX_MODEL_LEN}, 400, "max_tokens", "maximum context"),
+    ("chat", {**CHAT, "messages": [{"role": "user", "content": LONG}]}, 400, "messages",
+     "maximum context"),
+    ("chat", {**CHAT, "temperature": -1}, 400, "temperature", ">= 0"),
+    ("chat", {**CHAT, "top_p": 0}, 400, "top_p", "(0, 1]"),
+    ("chat", {**CHAT, "top_p": 1.5}, 400, "top_p", "(0, 1]"),
+    ("chat", {**CHAT, "min_p": 2}, 400, "min_p", "min_p"),
+    ("chat", {**CHAT, "presence_penalty": 3}, 400, "presence_penalty", "[-2, 2]"),
+    ("chat", {**CHAT, "repetition_penalty": 0}, 400, "repetition_penalty", "> 0"),
+    ("chat", {**CHAT, "n": 9}, 400, "n", "[1, 8]"),
+    ("chat", {**CHAT, "n": 0}, 400, "n", "[1, 8]"),
+    ("chat", {**CHAT, "top_logprobs": 2}, 400, "top_logprobs", "logprobs"),
+    ("chat", {**CHAT, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", "20"),
+    ("chat", {**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+     400, "messages", "text parts"),
+    ("completions", {"model": MODEL}, 400, "prompt", "prompt"),
+    ("completions", {"model": MODEL, "prompt": {"a": 1}}, 400, "prompt", "prompt"),
+    ("completions", {"model": MODEL, "prompt": []}, 400, "prompt", "empty"),
+    ("completions", {"model": MODEL, "prompt": [1, 10 ** 9]}, 400, "prompt", "token ids"),
+    ("completions", {"model": MODEL, "prompt": LONG}, 400, "prompt", "maximum context"),
+    ("completions", {"model": MODEL, "prompt": "x", "max_tokens": MAX_MODEL_LEN}, 400,
+     "max_tokens", "maximum context"),
+    ("completions", {"model": MODEL, "prompt": "x", "logprobs": 99}, 400, "logprobs", "20"),
+    ("completions", {"model": MODEL, "prompt": "x", "echo": True}, 400, "echo", "echo"),
+]
+
+
+@pytest.mark.parametrize("route,body,status,param,words", CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_bad_request(stack, route, body, status, param, words):
+    url = f"{stack.url}/v1/{'chat/completions' if route == 'chat' else 'completions'}"
+    if isinstance(body, bytes):
+        r = httpx.post(url, content=body, headers={"content-type": "application/json"})
+    else:
+        r = httpx.post(url, json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == "invalid_request_error" and err["param"] == param
+    assert words in err["message"], err["message"]
+    if param:
+        assert err["message"].startswith(param), err["message"]
+
+
+def test_still_serving_after_bad_requests(stack):
+    r = httpx.post(stack.url + "/v1/chat/completions", json=CHAT)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == REPLY
+    assert stack.client.num_pending == 0
+
+
+def test_unknown_route_and_method(stack):
+    r = httpx.get(stack.url + "/v1/nope")
+    assert r.status_code == 404 and "error" in r.json()
+    assert httpx.get(stack.url + "/v1/completions").status_code == 405
+
+
+def test_api_key(tokenizer):
+    with serve(tokenizer, api_key="sekret") as s:
+        url = s.url + "/v1/chat/completions"
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "sekret"}):
+            r = httpx.post(url, json=CHAT, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=s.url + "/v1", api_key="nope",
+                          max_retries=0).models.list()
+        ok = openai.OpenAI(base_url=s.url + "/v1", api_key="sekret", max_retries=0)
+        assert ok.chat.completions.create(**CHAT).choices[0].message.content == REPLY
+        assert httpx.get(s.url + "/health").status_code == 200      # probes need no key
+
+
+def test_engine_death(tokenizer):
+    with serve(tokenizer) as s:
+        oai = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=10)
+        stream = oai.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "[slow]"}], stream=True)
+        next(iter(stream))
+        s.engine.kill()
+        with pytest.raises(openai.APIError, match="engine process exited"):
+            list(stream)
+        r = httpx.get(s.url + "/health")
+        assert r.status_code == 503 and "exited" in r.json()["reason"]
+        r = httpx.post(s.url + "/v1/chat/completions", json=CHAT)
+        assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
+        assert s.client.num_pending == 0
