@@ -231,7 +231,7 @@ def test_bad_input_gets_4xx_and_the_server_keeps_serving(server):
              ({**ok, "max_tokens": 0}, 400, "max_tokens"),
              ({**ok, "n": 1000}, 400, "n"),
              ({**ok, "messages": "hi"}, 400, "messages"),
-             ({**ok, "messages": chat("word " * 1500)}, 400, "messages")]
+             ({**ok, "messages": chat("word " * 1500)}, 400, "maximum context length")]
     for body, status, field in cases:
         r = httpx.post(url, json=body)
         assert r.status_code == status, (body, r.text)
