@@ -23,6 +23,7 @@ from tscompile.kernels.paged import AttentionMetadata, build_metadata
 from tscompile.kernels.registry import REGISTRY, Query
 from tscompile.kernels.rope import rope, rope_cos_sin_cache
 from tscompile.kernels.sample import sample
+from tscompile.kernels import triton as _triton_backends  # noqa: E402,F401  (registers "triton")
 
 __all__ = [
     "AttentionMetadata", "REGISTRY", "Query", "all_gather", "all_reduce",

@@ -136,9 +136,11 @@ class EngineClient:
 
     def abort(self, rid: str, reason: str = "abort") -> None:
         """Tell the engine to drop `rid` ("stop": a stop string matched; "abort": client
-        gone). Later outputs for it are discarded. A no-op for a finished request."""
-        if self._streams.pop(rid, None) is not None:
+        gone). Its generate() then ends with an output whose finish_reason is `reason`;
+        later engine outputs for it are discarded. A no-op for a finished request."""
+        if (stream := self._streams.pop(rid, None)) is not None:
             self._send(Abort(rid, reason=reason))
+            stream.put_nowait(RequestOutput(rid, finish_reason=reason))
 
     def _send(self, msg: AddRequest | Abort | Shutdown) -> bool:
         if self.dead_reason is not None and not isinstance(msg, Shutdown):

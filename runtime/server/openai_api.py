@@ -119,7 +119,7 @@ class OpenAIServer:
         max_field = "max_completion_tokens" if body.max_completion_tokens is not None \
             else "max_tokens"
         max_tokens = getattr(body, max_field)
-        params = self._params(body, max_tokens, logprobs=body.logprobs,
+        params = self._params(body, max_tokens, max_field, logprobs=body.logprobs,
                               top_logprobs=body.top_logprobs or 0)
         try:
             messages = [m.for_template(f"messages[{i}]") for i, m in enumerate(body.messages)]
@@ -146,7 +146,7 @@ class OpenAIServer:
             raise APIError(400, f"logprobs: must be in [0, {MAX_TOP_LOGPROBS}], "
                                 f"got {body.logprobs}", param="logprobs")
         want_lp = body.logprobs is not None
-        params = self._params(body, body.max_tokens, logprobs=want_lp,
+        params = self._params(body, body.max_tokens, "max_tokens", logprobs=want_lp,
                               top_logprobs=body.logprobs or 0)
         prompts = await run_in_threadpool(self._tokenize_prompts, body.prompt)
         meta = R.ResponseMeta(f"cmpl-{uuid.uuid4().hex}", int(time.time()), self.model_name,
@@ -174,8 +174,8 @@ class OpenAIServer:
                                 f"{self.client.dead_reason or 'not ready yet'}",
                            type="server_error", code=503)
 
-    def _params(self, body: SamplingFields, max_tokens: int | None, *, logprobs: bool,
-                top_logprobs: int) -> SamplingParams:
+    def _params(self, body: SamplingFields, max_tokens: int | None, max_field: str, *,
+                logprobs: bool, top_logprobs: int) -> SamplingParams:
         """SamplingParams with everything but the final max_tokens and seed; its
         __post_init__ gives the `field: why, got X` messages."""
         given = {k: getattr(body, k) for k in (
@@ -193,9 +193,9 @@ class OpenAIServer:
                 logprobs=logprobs, top_logprobs=top_logprobs, **given)
         except ValueError as e:
             err = from_value_error(e)
-            if err.param == "max_tokens" and max_tokens is not None:   # name the field sent
-                err = APIError(400, f"{_max_field(body)}: must be >= 1, got {max_tokens}",
-                               param=_max_field(body))
+            if err.param == "max_tokens":          # name the field the client sent
+                err = APIError(400, f"{max_field}: must be >= 1, got {max_tokens}",
+                               param=max_field)
             raise err from None
 
     def _render_chat(self, messages: list[dict[str, Any]]) -> list[int]:
@@ -292,8 +292,8 @@ class OpenAIServer:
 
     @staticmethod
     def _streaming(chunks: AsyncIterator[str]) -> StreamingResponse:
-        return StreamingResponse(chunks, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return _SSEResponse(chunks, media_type="text/event-stream",
+                            headers={"Cache-Control": "no-cache"})
 
     async def _deltas(self, gen: Generation) -> AsyncIterator[Any]:
         """gen.stream() with failures turned into one error event (the status line is sent
@@ -352,9 +352,17 @@ class OpenAIServer:
         yield R.DONE
 
 
-def _max_field(body: SamplingFields) -> str:
-    return "max_completion_tokens" if getattr(body, "max_completion_tokens", None) is not None \
-        else "max_tokens"
+class _SSEResponse(StreamingResponse):
+    """Closes the chunk generator when the response ends however it ends. Starlette
+    cancels the stream when the client disconnects; if that happens while the generator
+    waits at a `yield` (inside `send`), only this aclose() runs its cleanup (aborting the
+    engine requests) now rather than whenever the generator is garbage collected."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
 
 
 async def _wait_disconnect(request: Request) -> None:

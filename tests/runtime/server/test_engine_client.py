@@ -61,13 +61,20 @@ def test_leaving_early_aborts_once_and_drops_late_outputs():
 
     async def main():
         await client.start()
-        outs.put(StepOutputs((RequestOutput("a", (5,)), RequestOutput("s", (1,)))))
+        outs.put(StepOutputs((RequestOutput("a", (5,)),)))
         async with contextlib.aclosing(client.generate(add("a"))) as gen:
             async for _ in gen:
                 break
-        async for _ in client.generate(add("s")):
-            client.abort("s", reason="stop")
-            client.abort("s", reason="stop")               # idempotent
+        gen = client.generate(add("s"))
+        first = asyncio.ensure_future(gen.__anext__())
+        await asyncio.sleep(0)                              # registered, waiting
+        outs.put(StepOutputs((RequestOutput("s", (1,)),)))
+        got = [await asyncio.wait_for(first, 2)]
+        client.abort("s", reason="stop")
+        client.abort("s", reason="stop")                   # idempotent
+        async for o in gen:
+            got.append(o)
+        assert [o.finish_reason for o in got] == [None, "stop"]
         outs.put(StepOutputs((RequestOutput("a", (9,), finish_reason="abort"),)))
         await asyncio.sleep(0.05)
         return client.num_pending

@@ -228,3 +228,12 @@ def test_engine_error(oai, stack):
     t0 = time.monotonic()
     assert httpx.get(stack.url + "/health").status_code == 200
     assert time.monotonic() - t0 < 1
+
+
+def test_raw_sse_framing(stack):
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 3, "stream": True}
+    r = httpx.post(stack.url + "/v1/completions", json=body)
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = [e for e in r.text.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    assert r.text.endswith("\n\n")
