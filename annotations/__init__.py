@@ -172,7 +172,12 @@ def placement(*, inputs: PlacementArg = None, outputs: PlacementArg = None,
 
 
 def get_placement(module: Any) -> PlacementSpec | None:
+    """The instance's annotation, else the nearest annotated class in its MRO (a subclass of
+    an annotated module is annotated the same way unless it says otherwise)."""
     inst = getattr(module, "__dict__", {}).get(_ATTR)
     if inst is not None:
         return inst
-    return type(module).__dict__.get(_ATTR)
+    for cls in type(module).__mro__:
+        if _ATTR in cls.__dict__:
+            return cls.__dict__[_ATTR]
+    return None

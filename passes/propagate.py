@@ -18,6 +18,7 @@ records the parameter plan in stage.facts['param_placements'].
 """
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from torch import fx
@@ -65,8 +66,8 @@ class _Search:
     """Depth-first search over one region's ops."""
 
     def __init__(self, nodes: list[fx.Node], ctx_args: tuple[int, str], assign: dict,
-                 pins: dict[str, tuple[Placement, str]], region: tuple[str, str]):
-        self.nodes, self.assign, self.pins = nodes, assign, pins
+                 region: tuple[str, str]):
+        self.nodes, self.assign = nodes, assign     # pinned parameters are already assigned
         self.path, self.group = region
         self.inside = set(nodes)
         self.world, self.style = ctx_args
@@ -93,6 +94,8 @@ class _Search:
         return fn(node, ctx)
 
     def run(self) -> None:
+        # One recursion level per op: a region of many unrolled experts is deep.
+        sys.setrecursionlimit(max(sys.getrecursionlimit(), 4 * len(self.nodes) + 1000))
         if not self._dfs(0):
             self._explain()
 
@@ -181,7 +184,7 @@ def propagate(stage: Stage) -> Stage:
         if region is not None:
             if region not in solved:
                 solved.add(region)
-                _solve_region(st, region, regions[region], assign, wants, pins)
+                _solve_region(st, region, regions[region], assign, wants)
             continue
         if n.op == "get_attr":
             assign.setdefault(n, R)
@@ -211,7 +214,7 @@ def propagate(stage: Stage) -> Stage:
 
 
 def _solve_region(st: Stage, region: tuple[str, str], nodes: list[fx.Node],
-                  assign: dict, wants: dict, pins: dict) -> None:
+                  assign: dict, wants: dict) -> None:
     path, group = region
     world = st.mesh.size(group)
     decide = _decision_nodes(nodes)
@@ -226,7 +229,7 @@ def _solve_region(st: Stage, region: tuple[str, str], nodes: list[fx.Node],
             assign[n] = _as_r(n.meta["val"])
             wants[n] = tuple(_as_r(a.meta["val"]) for a in tensor_args(n))
         return
-    search = _Search(decide, (world, st.mesh.style(group)), assign, pins, region)
+    search = _Search(decide, (world, st.mesh.style(group)), assign, region)
     search.run()
     wants.update(search.wants)
     for n in nodes:

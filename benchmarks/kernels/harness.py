@@ -1,0 +1,145 @@
+"""Kernel benchmark harness: measure the card's roofs, then time every kernel case against
+them, in one run on one GPU.
+
+Method (../.library/device/METHOD.md): the copy-bandwidth roof is a device-to-device
+`copy_` of 2 GiB (bytes = read + write); the matrix roof is a bf16 8192^3 `mm`. Each case's
+closure is captured k times in one CUDA graph over k independent input sets (k chosen so the
+sets together exceed 4x the L2 cache, so no launch reads warm data), replayed many times;
+the time per launch is the median replay time / k. Achieved GB/s and TFLOP/s come from the
+case's own minimum-bytes and FLOP counts; the bound is the larger fraction of roof.
+
+    python -m benchmarks.kernels.harness [--only mla,gqa] [--out benchmarks/results/X.json]
+
+Case modules (benchmarks/kernels/<family>.py) expose CASES: dicts with a name, a builder
+`f(device) -> zero-arg closure`, and the bytes and FLOPs of one launch.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+FAMILIES = ("norm_rope_act", "gqa", "mla", "moe")
+
+
+def _time_graph(fns: list[Callable[[], Any]], replays: int = 20) -> float:
+    """Median seconds per launch of fns captured back to back in one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for f in fns:                       # warm-up (compiles Triton, allocates)
+            f()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for f in fns:
+            f()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(times) / len(fns)
+
+
+def roofs(device: torch.device) -> dict[str, float]:
+    n = 2**30 // 2                                       # 1 GiB of bf16 per buffer... x2
+    src = torch.empty(2 * n, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    t = _time_graph([lambda: dst.copy_(src)], replays=30)
+    copy_gbs = 2 * src.numel() * 2 / t / 1e9
+    del src, dst
+    m = 8192
+    a = torch.randn(m, m, dtype=torch.bfloat16, device=device)
+    b = torch.randn(m, m, dtype=torch.bfloat16, device=device)
+    t = _time_graph([lambda: torch.mm(a, b)], replays=30)
+    return {"copy_GBps": round(copy_gbs, 1), "bf16_mm_TFLOPs": round(2 * m**3 / t / 1e12, 1)}
+
+
+def _field(case: dict[str, Any], *names: str) -> Any:
+    for n in names:
+        if n in case:
+            return case[n]
+    for k, v in case.items():
+        if any(n in k for n in names):
+            return v
+    raise KeyError(f"case {case.get('name')} has none of {names}")
+
+
+def run_case(case: dict[str, Any], device: torch.device, l2_bytes: int,
+             roof: dict[str, float]) -> dict[str, Any]:
+    build = _field(case, "build", "make", "fn")
+    nbytes = float(_field(case, "bytes"))
+    flops = float(_field(case, "flops"))
+    free, _ = torch.cuda.mem_get_info(device)
+    k = max(1, min(16, int(4 * l2_bytes // max(nbytes, 1)) + 1))
+    k = max(1, min(k, int(0.5 * free // max(nbytes, 1))))
+    fns = [build(device) for _ in range(k)]
+    t = _time_graph(fns)
+    del fns
+    torch.cuda.empty_cache()
+    gbs, tflops = nbytes / t / 1e9, flops / t / 1e12
+    fb, ff = gbs / roof["copy_GBps"], tflops / roof["bf16_mm_TFLOPs"]
+    return {"name": case["name"], "us": round(t * 1e6, 2), "GBps": round(gbs, 1),
+            "TFLOPs": round(tflops, 2), "frac_copy_roof": round(fb, 3),
+            "frac_mm_roof": round(ff, 3), "bound": "memory" if fb >= ff else "compute",
+            "bytes": nbytes, "flops": flops, "sets_in_graph": k,
+            **{k2: v for k2, v in case.items() if isinstance(v, (int, float, str))
+               and k2 not in ("name", "bytes", "flops")}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", help="comma-separated families or case-name substrings")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    device = torch.device("cuda")
+    props = torch.cuda.get_device_properties(device)
+    l2 = getattr(props, "L2_cache_size", 50 * 2**20)
+    roof = roofs(device)
+    print(f"{props.name}: copy {roof['copy_GBps']} GB/s, bf16 mm {roof['bf16_mm_TFLOPs']} "
+          f"TFLOP/s, L2 {l2 / 2**20:.0f} MiB", flush=True)
+    wanted = args.only.split(",") if args.only else None
+    rows = []
+    for fam in FAMILIES:
+        try:
+            mod = importlib.import_module(f"benchmarks.kernels.{fam}")
+        except ModuleNotFoundError as e:
+            print(f"skip {fam}: {e}")
+            continue
+        for case in mod.CASES:
+            if wanted and not any(w == fam or w in case["name"] for w in wanted):
+                continue
+            try:
+                row = run_case(case, device, l2, roof)
+            except Exception as e:  # report the miss, keep measuring the rest
+                row = {"name": case["name"], "error": f"{type(e).__name__}: {e}"[:300]}
+            row["family"] = fam
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    import triton
+    result = {"device": props.name, "date": time.strftime("%Y-%m-%d"), "commit": commit,
+              "torch": torch.__version__, "triton": triton.__version__, "roofs": roof,
+              "cases": rows}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
