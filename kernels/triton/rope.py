@@ -1,0 +1,128 @@
+"""Triton RoPE: `tscompile::rope(x [T, H, D], positions [T], cos_sin_cache [P, r], interleaved)`.
+
+What it is: the "triton" backend of the rope op (`kernels/rope.py`): rotates the first r dims
+of every head by the angle of its token's position and copies the other D - r dims (partial
+rotary), in both pairings:
+    interleaved=False  GPT-NeoX / Llama "rotate half": pairs (i, i + r/2)
+    interleaved=True   GPT-J / DeepSeek / Kimi:        pairs (2i, 2i + 1)
+The table row is [cos | sin] (r/2 each, any float dtype; read as fp32). The math is the
+reference's, in fp32 with no fused multiply-add (x1 cos - x2 sin rounds each product, like
+the reference's separate torch ops), then one rounding to x's dtype: on an H100 the bf16
+and fp32 results matched the reference bit for bit at every benchmark shape.
+x may be a strided view (MLA's q_pe is [T, Nh, dn + dr][..., dn:]): only the last dim must
+be contiguous. The output is a new contiguous [T, H, D] tensor (the op is not in place).
+What it is not: the table builder (`rope_cos_sin_cache`, in the op file), or a fused
+q/k + KV-cache write.
+
+Napkin math (e bytes per element): reads x and writes the output, 2 T H D e bytes, plus one
+table row per token (T r 4 bytes) and the positions; 3 FLOPs per rotated element. Bandwidth
+bound. MLA prefill T = 4096, 128 heads x 64, bf16: 134 MB -> ~45 us at ~3 TB/s (H100,
+measured: 53 us, 2.6 TB/s; the torch reference 1040 us); decode (T <= 64) is launch bound
+(measured 1.7-2.1 us in a CUDA graph).
+
+Launch / tiling: grid (T, cdiv(H, BLOCK_H)); a program loads its token's position and
+cos/sin once and rotates a [BLOCK_H, r] tile of heads (~1K elements). NeoX loads the two
+halves as two contiguous [BLOCK_H, r/2] tiles; GPT-J loads one contiguous [BLOCK_H, r] tile
+and splits the pairs in registers (reshape to [.., r/2, 2] + split), so both stay 16-byte
+vectorised instead of stride-2 gathers.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tscompile.kernels.registry import Query, Requirements, register
+from tscompile.kernels.triton import INTERPRET
+
+PRIO = 10 if not INTERPRET else -10
+DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
+TILE_ELEMS = 1024  # elements of x a program rotates (1024-8192 within 3% at T = 4096)
+NUM_WARPS = 4
+
+
+def _shape_check(q: Query) -> str | None:
+    rot_dim = q.get("rot_dim")
+    if rot_dim is not None and rot_dim % 2:
+        return f"rotary dim {rot_dim} is odd (pairs need an even dim)"
+    return None
+
+
+REQ = Requirements(
+    devices=frozenset({"cuda", "cpu"} if INTERPRET else {"cuda"}),
+    dtypes=DTYPES,
+    min_arch=None if INTERPRET else (8, 0),
+    shape_check=_shape_check,
+)
+
+
+@triton.jit
+def _rope_kernel(
+    x_ptr, pos_ptr, cache_ptr, out_ptr,
+    n_heads, x_stride_t, x_stride_h, cache_stride,
+    HEAD_DIM: tl.constexpr, ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_R2: tl.constexpr, BLOCK_REST: tl.constexpr,
+):
+    HALF: tl.constexpr = ROT_DIM // 2
+    t = tl.program_id(0).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)                 # [BH]
+    head_ok = heads < n_heads
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    j = tl.arange(0, BLOCK_R2)                                                 # pair index
+    j_ok = j < HALF
+    row = cache_ptr + pos * cache_stride
+    cos = tl.load(row + j, mask=j_ok, other=0.0).to(tl.float32)[None, :]      # [1, R2]
+    sin = tl.load(row + HALF + j, mask=j_ok, other=0.0).to(tl.float32)[None, :]
+
+    x_head = x_ptr + t * x_stride_t + heads[:, None].to(tl.int64) * x_stride_h  # [BH, 1]
+    o_head = out_ptr + (t * n_heads + heads[:, None]) * HEAD_DIM
+    if INTERLEAVED:
+        c = tl.arange(0, 2 * BLOCK_R2)                                         # [2 R2]
+        mask = head_ok[:, None] & (c[None, :] < ROT_DIM)
+        xr = tl.load(x_head + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        x1, x2 = tl.split(tl.reshape(xr, [BLOCK_H, BLOCK_R2, 2]))              # even, odd
+        o1 = x1 * cos - x2 * sin
+        o2 = x2 * cos + x1 * sin
+        o = tl.reshape(tl.join(o1, o2), [BLOCK_H, 2 * BLOCK_R2])
+        tl.store(o_head + c[None, :], o.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        mask = head_ok[:, None] & j_ok[None, :]
+        x1 = tl.load(x_head + j[None, :], mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_head + HALF + j[None, :], mask=mask, other=0.0).to(tl.float32)
+        o1 = x1 * cos - x2 * sin
+        o2 = x2 * cos + x1 * sin
+        tl.store(o_head + j[None, :], o1.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(o_head + HALF + j[None, :], o2.to(out_ptr.dtype.element_ty), mask=mask)
+    if BLOCK_REST > 0:  # partial rotary: the dims past ROT_DIM pass through unchanged
+        c = ROT_DIM + tl.arange(0, BLOCK_REST)
+        mask = head_ok[:, None] & (c[None, :] < HEAD_DIM)
+        rest = tl.load(x_head + c[None, :], mask=mask)
+        tl.store(o_head + c[None, :], rest, mask=mask)
+
+
+@register("rope", "triton", priority=PRIO, requires=REQ)
+def rope_triton(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                interleaved: bool) -> torch.Tensor:
+    t, h, d = x.shape
+    r = cos_sin_cache.shape[-1]
+    if r % 2 or r > d:
+        raise ValueError(f"rope: rotary dim {r} must be even and <= head dim {d}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if cos_sin_cache.stride(-1) != 1:
+        cos_sin_cache = cos_sin_cache.contiguous()
+    out = torch.empty((t, h, d), dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    block_r2 = triton.next_power_of_2(max(r // 2, 1))
+    block_h = max(1, min(triton.next_power_of_2(h), TILE_ELEMS // (2 * block_r2)))
+    block_rest = triton.next_power_of_2(d - r) if d > r else 0
+    grid = (t, triton.cdiv(h, block_h))
+    _rope_kernel[grid](
+        x, positions, cos_sin_cache, out,
+        h, x.stride(0), x.stride(1), cos_sin_cache.stride(0),
+        HEAD_DIM=d, ROT_DIM=r, INTERLEAVED=bool(interleaved),
+        BLOCK_H=block_h, BLOCK_R2=block_r2, BLOCK_REST=block_rest,
+        num_warps=NUM_WARPS, enable_fp_fusion=False,
+    )
+    return out
