@@ -62,9 +62,16 @@ class Server:
                                   text=True).stdout.split()
         self.proc.send_signal(signal.SIGINT)
         rc = self.proc.wait(timeout=60)
-        for pid in children:                  # every rank exited with it
-            assert not Path(f"/proc/{pid}").exists() or \
-                Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z", pid
+
+        def alive(pid: str) -> bool:
+            try:
+                return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+            except (FileNotFoundError, IndexError):
+                return False
+        deadline = time.monotonic() + 20      # ranks (and mp's resource tracker) exit too
+        while any(alive(p) for p in children) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [p for p in children if alive(p)], "tsrun left processes behind"
         return rc
 
 
