@@ -132,7 +132,13 @@ def main() -> None:
     print(f"{props.name}: copy {roof['copy_GBps']} GB/s, bf16 mm {roof['bf16_mm_TFLOPs']} "
           f"TFLOP/s, L2 {l2 / 2**20:.0f} MiB", flush=True)
     wanted = args.only.split(",") if args.only else None
-    rows = []
+    rows: list[dict[str, Any]] = []
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    import triton
+    result = {"device": props.name, "date": time.strftime("%Y-%m-%d"), "commit": commit,
+              "torch": torch.__version__, "triton": triton.__version__, "roofs": roof,
+              "cases": rows}
     for fam in FAMILIES:
         try:
             mod = importlib.import_module(f"benchmarks.kernels.{fam}")
@@ -149,15 +155,9 @@ def main() -> None:
             row["family"] = fam
             rows.append(row)
             print(json.dumps(row), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    import triton
-    result = {"device": props.name, "date": time.strftime("%Y-%m-%d"), "commit": commit,
-              "torch": torch.__version__, "triton": triton.__version__, "roofs": roof,
-              "cases": rows}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+            if args.out:                    # after every case: a timeout keeps what ran
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":
