@@ -14,7 +14,6 @@ from __future__ import annotations
 import operator
 
 import torch
-from torch import fx
 
 from tscompile.annotations import Shard
 from tscompile.passes.collectives import rank_node

@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import fx
 
-from tscompile.annotations import Partial, Placement, Replicate, Shard, get_placement
+from tscompile.annotations import Placement, Replicate, Shard, get_placement
 from tscompile.passes.collectives import redistribute_cost
 from tscompile.passes.ir import Stage, is_tensor, target_name, tensor_args
 from tscompile.passes.rules import Ctx, Strategy, lookup

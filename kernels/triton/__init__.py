@@ -16,6 +16,28 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 MODULES = ("norm", "rope", "activation", "gqa", "mla", "moe")
 
+
+def _interpreter_index_shim() -> None:
+    """Triton 3.6's interpreter turns a scalar (a 1-element array) into a Python int with
+    int(array), which NumPy >= 2.4 refuses, so `range(start, end)` with run-time bounds
+    fails under TRITON_INTERPRET=1. Take the one element explicitly (CPU tests only)."""
+    from triton.runtime import interpreter
+
+    if getattr(interpreter, "_index_shim", False):
+        return
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+    interpreter._index_shim = True
+
+
+if AVAILABLE and INTERPRET:
+    _interpreter_index_shim()
+
 if AVAILABLE:
     for _name in MODULES:
         if importlib.util.find_spec(f"{__name__}.{_name}") is not None:

@@ -102,28 +102,6 @@ REQ = Requirements(
 )
 
 
-def _interpreter_index_shim() -> None:
-    """Triton 3.6's interpreter converts a scalar to a Python int with int(ndarray of shape
-    (1,)), which NumPy >= 2.4 refuses, so `range(start, end, step)` with run-time bounds
-    fails under TRITON_INTERPRET=1. Take the one element explicitly (CPU tests only)."""
-    from triton.runtime import interpreter
-
-    if getattr(interpreter, "_index_shim", False):
-        return
-    patch_tensor = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = patched
-    interpreter._index_shim = True
-
-
-if INTERPRET:
-    _interpreter_index_shim()
-
-
 @triton.jit
 def _dot(a, b, IS_FP32: tl.constexpr):
     # fp32 inputs: exact fp32 products (tf32 would miss the reference by ~1e-3).

@@ -9,7 +9,6 @@ GPU (`-m gpu`): Llama-3.1-8B head shapes against the reference.
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -20,25 +19,6 @@ from tscompile.kernels import gqa_attention, gqa_decode, gqa_prefill  # noqa: E4
 from tscompile.kernels import build_metadata  # noqa: E402
 from tscompile.kernels.gqa import gqa_decode_reference, gqa_prefill_reference  # noqa: E402
 from tscompile.kernels.triton import gqa as tgqa  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _interpreter_scalar_loop_bounds(monkeypatch):
-    """Triton 3.6's interpreter holds a scalar as a 1-element array and turns a run-time loop
-    bound into a Python int with `int(array)`, which numpy >= 2.4 refuses for ndim > 0
-    ("only 0-dimensional arrays can be converted"). Take the element instead. (Belongs in
-    tests/conftest.py for every Triton test; kept here to stay inside this file's scope.)"""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return
-    from triton.runtime import interpreter
-
-    patch = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patched)
 
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
