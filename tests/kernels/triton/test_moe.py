@@ -11,7 +11,6 @@ GPU (`-m gpu`): Moonlight and Kimi K2.5 EP8 shapes against the reference.
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
