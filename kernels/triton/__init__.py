@@ -17,6 +17,15 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MODULES = ("norm", "rope", "activation", "gqa", "mla", "moe")
 
 
+def requirements(dtypes, shape_check=None):
+    """What every Triton implementation needs: a CUDA device of sm_80 or newer (or the CPU
+    under the interpreter), one of `dtypes`, and its own shape check."""
+    from tscompile.kernels.registry import Requirements
+    return Requirements(devices=frozenset({"cuda", "cpu"} if INTERPRET else {"cuda"}),
+                        dtypes=frozenset(dtypes), min_arch=None if INTERPRET else (8, 0),
+                        shape_check=shape_check)
+
+
 def _interpreter_index_shim() -> None:
     """Triton 3.6's interpreter turns a scalar (a 1-element array) into a Python int with
     int(array), which NumPy >= 2.4 refuses, so `range(start, end)` with run-time bounds

@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tscompile.kernels.registry import Query, Requirements, register
-from tscompile.kernels.triton import INTERPRET
+from tscompile.kernels.registry import Query, register
+from tscompile.kernels.triton import INTERPRET, requirements
 
 if not INTERPRET:
     from triton.language.extra import libdevice
@@ -47,12 +47,7 @@ def _shape_check(q: Query) -> str | None:
     return None
 
 
-REQ = Requirements(
-    devices=frozenset({"cuda", "cpu"} if INTERPRET else {"cuda"}),
-    dtypes=DTYPES,
-    min_arch=None if INTERPRET else (8, 0),
-    shape_check=_shape_check,
-)
+REQ = requirements(DTYPES, _shape_check)
 
 
 @triton.jit

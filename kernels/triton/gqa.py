@@ -58,8 +58,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..registry import Query, Requirements, register
-from . import INTERPRET
+from ..registry import Query, register
+from . import INTERPRET, requirements
 
 PRIO = -10 if INTERPRET else 10
 _LOG2E = 1.4426950408889634
@@ -74,12 +74,7 @@ def _shape_check(q: Query) -> str | None:
     return None
 
 
-REQ = Requirements(
-    devices=frozenset({"cuda", "cpu"} if INTERPRET else {"cuda"}),
-    dtypes=frozenset({torch.bfloat16, torch.float16, torch.float32}),
-    min_arch=None if INTERPRET else (8, 0),
-    shape_check=_shape_check,
-)
+REQ = requirements(frozenset({torch.bfloat16, torch.float16, torch.float32}), _shape_check)
 
 
 @triton.jit

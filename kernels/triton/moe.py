@@ -60,12 +60,11 @@ import torch
 import triton
 import triton.language as tl
 
-from tscompile.kernels.registry import Query, Requirements, register
-from tscompile.kernels.triton import INTERPRET
+from tscompile.kernels.registry import Query, register
+from tscompile.kernels.triton import INTERPRET, requirements
 
 PRIO = -10 if INTERPRET else 10
 _DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
-_DEVICES = frozenset({"cuda", "cpu"} if INTERPRET else {"cuda"})
 ROUTE_MAX_EXPERTS = 4096       # the router keeps a whole row of scores in registers
 Y_FP32_MAX_BYTES = 256 << 20   # per-slot expert outputs kept in fp32 up to this size
 
@@ -77,9 +76,8 @@ def _experts_shape(q: Query) -> str | None:
     return None
 
 
-ROUTE_REQ = Requirements(devices=_DEVICES, dtypes=_DTYPES, min_arch=None if INTERPRET else (8, 0))
-EXPERTS_REQ = Requirements(devices=_DEVICES, dtypes=_DTYPES,
-                           min_arch=None if INTERPRET else (8, 0), shape_check=_experts_shape)
+ROUTE_REQ = requirements(_DTYPES)
+EXPERTS_REQ = requirements(_DTYPES, _experts_shape)
 
 
 # ---------------------------------------------------------------------------------------

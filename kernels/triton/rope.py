@@ -32,8 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tscompile.kernels.registry import Query, Requirements, register
-from tscompile.kernels.triton import INTERPRET
+from tscompile.kernels.registry import Query, register
+from tscompile.kernels.triton import INTERPRET, requirements
 
 PRIO = 10 if not INTERPRET else -10
 DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
@@ -48,12 +48,7 @@ def _shape_check(q: Query) -> str | None:
     return None
 
 
-REQ = Requirements(
-    devices=frozenset({"cuda", "cpu"} if INTERPRET else {"cuda"}),
-    dtypes=DTYPES,
-    min_arch=None if INTERPRET else (8, 0),
-    shape_check=_shape_check,
-)
+REQ = requirements(DTYPES, _shape_check)
 
 
 @triton.jit
