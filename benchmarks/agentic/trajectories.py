@@ -1,7 +1,7 @@
 """Real coding-agent conversations (SWE-agent `.traj` files) reduced to their per-turn shape.
 
-What it is: a reader of `../shared/data/swe-agent-trajectories/*.traj` (JSON with a `history`
-list of chat messages) that cuts each conversation into turns the way an agent drives a
+What it is: a reader of `data/swe-agent-trajectories/*.traj` (a copy of ../shared/data;
+JSON with a `history` list of chat messages) that cuts each conversation into turns the way an agent drives a
 server: turn 0 sends the system prompt and the task; every later turn appends the tool's
 output (the observation) to the history; every turn ends with the assistant's reply. Also
 the token counter (the served model's tokenizer: a folder or a bare `tokenizer.json`) and
@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-DEFAULT_DIR = Path(__file__).resolve().parents[2].parent / "shared/data/swe-agent-trajectories"
+# A copy of ../shared/data/swe-agent-trajectories (MIT, LICENSE and SOURCES inside), kept in
+# the repository so a clean clone anywhere (CI) has the workload's source.
+DEFAULT_DIR = Path(__file__).resolve().parent / "data" / "swe-agent-trajectories"
 
 
 class TokenCounter(Protocol):
