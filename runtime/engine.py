@@ -95,6 +95,8 @@ class Engine:
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         self.program, self.cfg = program, cfg
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:   # "cuda" -> "cuda:0"
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.vocab_size, self.eos = vocab_size, tuple(eos_token_ids)
         self.max_model_len = cfg.max_model_len or max_position_embeddings or 4096
         elem = torch.empty(0, dtype=dtype).element_size()

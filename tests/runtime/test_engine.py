@@ -127,3 +127,26 @@ def test_logprobs_and_stop_tokens(prog):
     lp = outs[0].logprobs[0]
     assert lp.token_id == outs[0].token_ids[0] and len(lp.top) == 3
     assert lp.top[0][0] == lp.token_id and lp.logprob <= 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_engine_on_cuda_with_triton_kernels_matches_cpu(prog, alone):
+    """The same compiled program on a GPU (fp32, Triton kernels selected by the registry)
+    gives the CPU reference path's greedy tokens, batched."""
+    import torch
+
+    from tscompile.kernels import REGISTRY
+
+    cfg = EngineConfig(page_size=16, max_num_seqs=4, max_num_batched_tokens=64,
+                       kv_cache_tokens=1024)
+    eng = Engine(RankProgram(prog, 0, dummy_seed=SEED, device="cuda"), cfg, vocab_size=256,
+                 max_position_embeddings=512, device="cuda")
+    reqs = [AddRequest(f"g{i}", tuple(p), greedy(8)) for i, p in enumerate(PROMPTS[:4])]
+    outs = run_all(eng, reqs)
+    torch.cuda.synchronize()
+    for r, p in zip(reqs, PROMPTS):
+        assert [t for o in outs[r.rid] for t in o.token_ids] == alone(p, 8), r.rid
+    used = {key.split("@")[0]: backend for key, backend in REGISTRY.selections().items()
+            if "@cuda" in key}
+    assert used.get("gqa_decode") == "triton" and used.get("rms_norm") == "triton", used
