@@ -30,7 +30,6 @@ copy, 2.43 through memcpy; bf16 mm 785 TFLOP/s), default launch configuration:
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 

@@ -6,7 +6,6 @@ clean shutdown."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
