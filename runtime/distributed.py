@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tscompile.runtime.offline import PagedRunner, SamplingParams, sample_one
+from tscompile.runtime.offline import PagedRunner, SamplingParams, generate
 from tscompile.runtime.program import RankProgram
 from tscompile.tsprog import read_tsprog
 
@@ -96,15 +96,7 @@ def _generate_rank(rank: int, prog: str, weights: str | None, dummy_seed: int | 
     program = RankProgram(prog, rank, weights=weights, dummy_seed=dummy_seed, dtype=dtype)
     blocks = -(-(len(prompt_ids) + params.max_tokens) // page_size) + 1
     runner = PagedRunner(program, page_size=page_size, num_blocks=blocks, dtype=dtype)
-    sid = runner.add()
-    logits = runner.step([(sid, prompt_ids)])
-    out: list[int] = []
-    while True:
-        token = _broadcast_token(sample_one(logits[0], params, len(out)) if rank == 0 else 0)
-        out.append(token)
-        if len(out) >= params.max_tokens or token in params.stop_token_ids:
-            return out
-        logits = runner.step([(sid, [token])])
+    return generate(runner, prompt_ids, params, agree=_broadcast_token)
 
 
 def generate_compiled(prog: str | Path, prompt_ids: list[int], params: SamplingParams, *,

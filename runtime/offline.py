@@ -8,6 +8,7 @@ What it is not: a scheduler (no preemption, no prefix sharing, no batching polic
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -119,9 +120,12 @@ def sample_one(logits: torch.Tensor, params: SamplingParams, offset: int) -> int
 
 
 def generate(runner: PagedRunner, prompt_ids: list[int], params: SamplingParams,
-             prefill_chunk: int | None = None) -> list[int]:
+             prefill_chunk: int | None = None,
+             agree: Callable[[int], int] | None = None) -> list[int]:
     """Prefill `prompt_ids` (in chunks of `prefill_chunk` tokens if given), then decode until
-    max_tokens or a stop token (which is included in the output, as HF does)."""
+    max_tokens or a stop token (which is included in the output, as HF does). `agree` maps
+    this process's sampled token to the one every rank uses (tensor parallel: rank 0's,
+    broadcast), so all ranks feed the same ids."""
     if not prompt_ids:
         raise ValueError("the prompt is empty")
     sid = runner.add()
@@ -132,6 +136,8 @@ def generate(runner: PagedRunner, prompt_ids: list[int], params: SamplingParams,
         out: list[int] = []
         while True:
             token = sample_one(logits[0], params, len(out))
+            if agree is not None:
+                token = agree(token)
             out.append(token)
             if len(out) >= params.max_tokens or token in params.stop_token_ids:
                 return out

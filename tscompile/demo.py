@@ -18,6 +18,22 @@ import httpx
 from tscompile.runtime.distributed import free_port
 
 
+def wait_healthy(url: str, server: subprocess.Popen, timeout: float) -> bool:
+    """Poll `url`/health until it answers 200 (True) or `timeout` seconds pass (False);
+    raise if the server process exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"tsrun exited with code {server.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("program")
@@ -35,20 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     print("$ " + " ".join(cmd), flush=True)
     server = subprocess.Popen(cmd)
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            if server.poll() is not None:
-                print(f"tsrun exited with code {server.returncode}", file=sys.stderr)
-                return 1
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                print("tsrun did not become ready", file=sys.stderr)
-                return 1
-            time.sleep(0.5)
+        try:
+            ready = wait_healthy(url, server, timeout=600)
+        except RuntimeError as e:
+            print(e, file=sys.stderr)
+            return 1
+        if not ready:
+            print("tsrun did not become ready", file=sys.stderr)
+            return 1
         client = openai.OpenAI(base_url=url + "/v1", api_key="none")
         model = client.models.list().data[0].id
         print(f"user: {args.question}\nassistant: ", end="", flush=True)

@@ -18,6 +18,7 @@ import pytest
 
 from tscompile.annotations import Mesh
 from tscompile.build import build
+from tscompile.demo import wait_healthy
 from tscompile.runtime.distributed import free_port
 from tscompile.tokenizer import Tokenizer
 
@@ -34,17 +35,11 @@ class Server:
         self.proc = subprocess.Popen([TSRUN, str(prog), "--weights", str(weights), "--port",
                                       str(self.port), *args], stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("tsrun exited: " + self.proc.stdout.read())
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
+        try:
+            ready = wait_healthy(self.url, self.proc, timeout=300)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}: {self.proc.stdout.read()}") from None
+        if not ready:
             self.stop()
             raise RuntimeError("tsrun did not become healthy")
         self.model = prog.stem
