@@ -16,8 +16,9 @@ Layout
 * ``block_tables[b, i]`` is the physical block holding positions ``[i*PS, (i+1)*PS)``
   of sequence b (entries past the sequence's last block are ignored; pad with 0).
 * ``slot_mapping[t] = block * PS + offset`` is where token t's K/V is written:
-  flat index into the ``NB*PS`` slots. A negative slot means "do not write"
-  (padding tokens of a CUDA-graph bucket).
+  flat index into the ``NB*PS`` slots, always valid. Padding tokens of a CUDA-graph
+  bucket write into a scratch block that the runtime keeps out of the scheduler's pool
+  (runtime/cuda_graphs.py), so the write is one unmasked scatter with no host sync.
 
 Step metadata
 -------------
@@ -120,7 +121,7 @@ def gather_pages(cache: torch.Tensor, block_table: torch.Tensor, length: int) ->
 
 
 def write_slots(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.Tensor) -> None:
-    """cache.view(NB*PS, ...)[slot] = values[t] for every t with slot >= 0 (in place)."""
+    """cache.view(NB*PS, ...)[slot_mapping[t]] = values[t] (in place). One scatter, no
+    masking: a boolean mask would sync the host every layer and break graph capture."""
     flat = cache.view(cache.shape[0] * cache.shape[1], *cache.shape[2:])
-    keep = slot_mapping >= 0
-    flat[slot_mapping[keep]] = values[keep].to(cache.dtype)
+    flat.index_copy_(0, slot_mapping, values.to(cache.dtype))

@@ -150,6 +150,15 @@ PRESETS: dict[str, Qwen3Config] = {
                               rms_norm_eps=1e-6, rope_theta=1000000.0,
                               max_position_embeddings=40960, tie_word_embeddings=True,
                               bos_token_id=151643, eos_token_id=151645),
+    # Qwen/Qwen3-8B config.json with the long-context setting its model card gives (YaRN,
+    # factor 4 over 32768 original positions: 131072 tokens). ~8.2e9 params, untied.
+    "qwen3-8b": Qwen3Config(vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+                            num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128,
+                            rms_norm_eps=1e-6, rope_theta=1000000.0,
+                            rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                          "original_max_position_embeddings": 32768},
+                            max_position_embeddings=131072, tie_word_embeddings=False,
+                            bos_token_id=151643, eos_token_id=151645),
     # Qwen/Qwen3-30B-A3B config.json: 48 MoE layers of 128 experts, top-8 renormalised.
     # ~30.5e9 params: 48 x (128 x 3 x 768 x 2048 experts + 18.9e6 attention) + 2 x 311e6
     # embeddings; ~3.3e9 active per token (8 of 128 experts).

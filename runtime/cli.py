@@ -43,13 +43,19 @@ def parse(argv: list[str] | None = None) -> ServeConfig:
     p.add_argument("--session-ttl", type=float, default=_E.session_ttl,
                    help="seconds a finished session's prefix stays pinned in the KV cache")
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
+    p.add_argument("--max-graph-batch", type=int, default=_E.max_graph_batch,
+                   help="largest decode batch captured in a CUDA graph (default: "
+                        "--max-num-seqs); larger decode batches run eagerly")
     p.add_argument("--threads-per-rank", type=int, help="CPU threads per rank process")
     a = p.parse_args(argv)
     engine = EngineConfig(
         max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
         max_model_len=a.max_model_len, page_size=a.page_size,
         kv_cache_tokens=a.kv_cache_tokens, kv_memory_fraction=a.kv_memory_fraction,
-        session_ttl=a.session_ttl, enable_prefix_caching=not a.no_prefix_caching)
+        session_ttl=a.session_ttl, enable_prefix_caching=not a.no_prefix_caching,
+        enforce_eager=a.enforce_eager, max_graph_batch=a.max_graph_batch)
     return ServeConfig(program=a.program, weights=a.weights, dummy_weights=a.dummy_weights,
                        seed=a.seed, tokenizer=a.tokenizer, device=a.device, dtype=a.dtype,
                        host=a.host, port=a.port, api_key=a.api_key,

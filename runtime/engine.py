@@ -22,6 +22,7 @@ import torch
 from tscompile.runtime._scheduler import (
     FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, Scheduler,
 )
+from tscompile.runtime.cuda_graphs import DecodeGraphs, run_step
 from tscompile.runtime.program import RankProgram
 from tscompile.runtime.protocol import AddRequest, EngineStats, RequestOutput
 from tscompile.runtime.sampler import BatchSampler
@@ -45,6 +46,8 @@ class EngineConfig:
     kv_memory_fraction: float | None = None   # CUDA: fraction of free memory for KV
     session_ttl: float = 60.0            # seconds a finished session's prefix stays pinned
     enable_prefix_caching: bool = True
+    enforce_eager: bool = False          # CUDA: no decode CUDA graphs
+    max_graph_batch: int | None = None   # largest captured decode batch (default max_num_seqs)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size"):
@@ -63,16 +66,39 @@ class EngineConfig:
             raise ValueError("give --kv-cache-tokens or --kv-memory-fraction, not both")
         if self.session_ttl < 0:
             raise ValueError(f"--session-ttl must be >= 0, got {self.session_ttl}")
+        if self.max_graph_batch is not None and not 1 <= self.max_graph_batch:
+            raise ValueError(f"--max-graph-batch must be >= 1, got {self.max_graph_batch}")
+
+    def model_len(self, max_position_embeddings: int | None) -> int:
+        return self.max_model_len or max_position_embeddings or 4096
 
 
-def kv_blocks(cfg: EngineConfig, bytes_per_token: int, device: torch.device) -> int:
-    """Pool size in blocks: explicit tokens; else on CUDA a fraction of free memory; else
-    (CPU) 16K tokens."""
+def bind_rank(program: RankProgram, cfg: EngineConfig, num_blocks: int, max_model_len: int,
+              dtype: torch.dtype, device: torch.device) -> DecodeGraphs | None:
+    """Give a rank its KV caches (the scheduler's `num_blocks` plus the scratch block that
+    CUDA-graph padding writes to) and, on CUDA unless --enforce-eager, its decode graphs.
+    Every rank of a replica calls this with the same numbers, so they replay alike."""
+    program.bind_kv_caches(num_blocks + 1, cfg.page_size, dtype=dtype, device=device)
+    if device.type != "cuda" or cfg.enforce_eager:
+        return None
+    return DecodeGraphs(program, max_batch=min(cfg.max_graph_batch or cfg.max_num_seqs,
+                                               cfg.max_num_seqs),
+                        max_blocks=-(-max_model_len // cfg.page_size),
+                        page_size=cfg.page_size, scratch_block=num_blocks, device=device)
+
+
+def kv_blocks(cfg: EngineConfig, program: RankProgram, dtype: torch.dtype,
+              device: torch.device) -> int:
+    """The scheduler's pool size in blocks: explicit tokens; else on CUDA a fraction of free
+    memory (less the scratch block); else (CPU) 16K tokens."""
+    elem = torch.empty(0, dtype=dtype).element_size()
+    bytes_per_token = program.prog.manifest["kv_cache"]["elements_per_token_per_rank"] * elem
     if cfg.kv_cache_tokens is not None:
         tokens = cfg.kv_cache_tokens
     elif device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         tokens = int(free * (cfg.kv_memory_fraction or 0.85)) // max(1, bytes_per_token)
+        tokens -= cfg.page_size
     else:
         tokens = 16384
     return max(1, tokens // cfg.page_size)
@@ -92,17 +118,19 @@ class _Live:
 class Engine:
     def __init__(self, program: RankProgram, cfg: EngineConfig, *, vocab_size: int,
                  eos_token_ids: tuple[int, ...] = (), max_position_embeddings: int | None = None,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 num_blocks: int | None = None):
+        """`num_blocks`: the KV pool size if already decided (serving decides it first and
+        shares it with the other ranks, which bind and capture alongside); else kv_blocks()."""
         self.program, self.cfg = program, cfg
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:   # "cuda" -> "cuda:0"
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.vocab_size, self.eos = vocab_size, tuple(eos_token_ids)
-        self.max_model_len = cfg.max_model_len or max_position_embeddings or 4096
-        elem = torch.empty(0, dtype=dtype).element_size()
-        per_token = program.prog.manifest["kv_cache"]["elements_per_token_per_rank"] * elem
-        self.num_blocks = kv_blocks(cfg, per_token, self.device)
-        program.bind_kv_caches(self.num_blocks, cfg.page_size, dtype=dtype, device=self.device)
+        self.max_model_len = cfg.model_len(max_position_embeddings)
+        self.num_blocks = num_blocks or kv_blocks(cfg, program, dtype, self.device)
+        self.graphs = bind_rank(program, cfg, self.num_blocks, self.max_model_len, dtype,
+                                self.device)
         self.sched = Scheduler(
             num_blocks=self.num_blocks, page_size=cfg.page_size, max_num_seqs=cfg.max_num_seqs,
             max_num_batched_tokens=cfg.max_num_batched_tokens, max_model_len=self.max_model_len,
@@ -187,9 +215,9 @@ class Engine:
         if not self.sched.plan_pending:
             return []
         try:
-            inputs = StepInputs.from_plan(plan, self.block_table, self.cfg.page_size, self.device)
+            inputs = StepInputs.from_plan(plan, self.block_table, self.cfg.page_size)
             broadcast_step(inputs)
-            logits = self.program(inputs.input_ids, inputs.positions, inputs.meta)
+            logits = run_step(self.program, self.graphs, inputs, self.device)
             rows = plan["sample"] == 1
             keys = plan["req_ids"][rows].tolist()
             slots = torch.from_numpy(plan["slots"][rows].astype(np.int64))

@@ -25,12 +25,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tscompile.runtime.distributed import free_port
-from tscompile.runtime.engine import Engine, EngineConfig
+from tscompile.runtime.cuda_graphs import run_step
+from tscompile.runtime.engine import Engine, EngineConfig, bind_rank, kv_blocks
 from tscompile.runtime.program import RankProgram
 from tscompile.runtime.protocol import (
     Abort, AddRequest, EngineReady, RequestOutput, Shutdown, StepOutputs,
 )
-from tscompile.runtime.step_io import broadcast_step, follow_steps
+from tscompile.runtime.step_io import (
+    broadcast_step, control_group, follow_steps, set_control_group,
+)
 from tscompile.tsprog import read_tsprog
 
 log = logging.getLogger("tsrun")
@@ -85,6 +88,8 @@ def _rank_main(rank: int, world: int, port: int, cfg: ServeConfig, eos: tuple[in
         dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo",
                                 init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world)
+        if cfg.device == "cuda":      # step inputs travel in host memory: a gloo side group
+            set_control_group(dist.new_group(backend="gloo"))
     try:
         dtype = _DTYPES[cfg.dtype]
         program = RankProgram(cfg.program, rank, weights=cfg.weights,
@@ -92,16 +97,19 @@ def _rank_main(rank: int, world: int, port: int, cfg: ServeConfig, eos: tuple[in
                               device=device)
         c = program.config
         if rank == 0:
+            # The pool size first: every rank binds its caches and captures its graphs
+            # (collectives inside) at the same time.
+            num_blocks = _share_pool_size(kv_blocks(cfg.engine, program, dtype, device))
             engine = Engine(program, cfg.engine, vocab_size=c.vocab_size, eos_token_ids=eos,
                             max_position_embeddings=getattr(c, "max_position_embeddings", None),
-                            dtype=dtype, device=device)
-            _share_pool_size(engine.num_blocks)
+                            dtype=dtype, device=device, num_blocks=num_blocks)
             outputs.put(EngineReady(cfg.model_name, engine.max_model_len, c.vocab_size, eos))
             _engine_loop(engine, requests, outputs, parent)
         else:
-            program.bind_kv_caches(_share_pool_size(None), cfg.engine.page_size, dtype=dtype,
-                                   device=device)
-            follow_steps(program, device)
+            max_len = cfg.engine.model_len(getattr(c, "max_position_embeddings", None))
+            graphs = bind_rank(program, cfg.engine, _share_pool_size(None), max_len, dtype,
+                               device)
+            follow_steps(lambda step: run_step(program, graphs, step, device))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -112,7 +120,7 @@ def _share_pool_size(num_blocks: int | None) -> int:
     if not dist.is_initialized():
         return num_blocks or 0
     t = torch.tensor([num_blocks or 0], dtype=torch.int64)
-    dist.broadcast(t, src=0)
+    dist.broadcast(t, src=0, group=control_group())
     return int(t[0])
 
 

@@ -4,12 +4,14 @@ the same tokens and metadata (one scheduler per replica; ranks never plan on the
 
 What it is: `StepInputs` (the forward contract's inputs as tensors), `from_plan()`, and a
 two-message broadcast (a fixed header, then one int64 payload) over the default process
-group. What it is not: the scheduler, the sampler, or CUDA-graph buffers (a later issue
-copies these into static buffers).
+group. What it is not: the scheduler, the sampler, or CUDA-graph buffers (runtime/cuda_graphs.py
+copies these into its static buffers). The broadcast is host memory over gloo: on GPUs the
+default group is NCCL (device tensors only), so serving sets a gloo control group.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -20,6 +22,17 @@ from tscompile.kernels import AttentionMetadata
 
 _HEADER = 6          # command, T, B, S, num_decodes, max_blocks
 _RUN, _STOP = 1, 2
+_control_group: Any = None      # None: the default group (gloo on the CPU)
+
+
+def set_control_group(group: Any) -> None:
+    """The process group (gloo) that carries step inputs when the default one is NCCL."""
+    global _control_group
+    _control_group = group
+
+
+def control_group() -> Any:
+    return _control_group
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,24 +92,24 @@ def broadcast_step(step: StepInputs | None) -> StepInputs | None:
         return step
     if dist.get_rank() == 0:
         if step is None:
-            dist.broadcast(torch.tensor([_STOP, 0, 0, 0, 0, 0], dtype=torch.int64), src=0)
+            dist.broadcast(torch.tensor([_STOP, 0, 0, 0, 0, 0], dtype=torch.int64), src=0,
+                           group=_control_group)
             return None
         header, payload = _pack(step)
-        dist.broadcast(header, src=0)
-        dist.broadcast(payload, src=0)
+        dist.broadcast(header, src=0, group=_control_group)
+        dist.broadcast(payload, src=0, group=_control_group)
         return step
     header = torch.empty(_HEADER, dtype=torch.int64)
-    dist.broadcast(header, src=0)
+    dist.broadcast(header, src=0, group=_control_group)
     if int(header[0]) == _STOP:
         return None
     t, b, s, max_blocks = int(header[1]), int(header[2]), int(header[3]), int(header[5])
     payload = torch.empty(3 * t + (b + 1) + b + b * max_blocks + s, dtype=torch.int64)
-    dist.broadcast(payload, src=0)
+    dist.broadcast(payload, src=0, group=_control_group)
     return _unpack(header, payload)
 
 
-def follow_steps(program: Any, device: torch.device | str = "cpu") -> None:
-    """A non-engine rank's whole life: run every broadcast step until told to stop."""
+def follow_steps(run: Callable[[StepInputs], Any]) -> None:
+    """A non-engine rank's whole life: `run` every broadcast step until told to stop."""
     while (step := broadcast_step(None)) is not None:      # the argument is rank 0's
-        step = step.to(device)
-        program(step.input_ids, step.positions, step.meta)
+        run(step)

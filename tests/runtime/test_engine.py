@@ -9,6 +9,7 @@ import pytest
 from tscompile.annotations import Mesh
 from tscompile.build import build
 from tscompile.runtime import load_model
+from tscompile.runtime.cuda_graphs import DecodeGraphs, bucket_sizes
 from tscompile.runtime.engine import Engine, EngineConfig
 from tscompile.runtime.offline import PagedRunner, generate
 from tscompile.runtime.offline import SamplingParams as OfflineParams
@@ -129,24 +130,57 @@ def test_logprobs_and_stop_tokens(prog):
     assert lp.top[0][0] == lp.token_id and lp.logprob <= 0
 
 
+def test_bucket_sizes():
+    assert bucket_sizes(1) == (1,)
+    assert bucket_sizes(3) == (1, 2, 3)
+    assert bucket_sizes(40) == (1, 2, 4, 8, 16, 24, 32, 40)
+    assert bucket_sizes(256)[-4:] == (160, 192, 224, 256)
+    with pytest.raises(ValueError, match="batch size"):
+        bucket_sizes(0)
+
+
+@pytest.mark.parametrize("kv_tokens", [256, 40])
+def test_padded_decode_buckets_touch_only_the_scratch_block(prog, alone, kv_tokens):
+    """The CUDA-graph input path without a GPU: decode steps of 1-3 sequences run padded to
+    a bucket of 4 or 8 on the static buffers; padding reads and writes only the scratch block
+    beyond the scheduler's pool, so the tokens equal each request alone."""
+    eng = engine(prog, kv_cache_tokens=kv_tokens)
+    eng.graphs = DecodeGraphs(eng.program, max_batch=8, max_blocks=512 // 4, page_size=4,
+                              scratch_block=eng.num_blocks, device="cpu", sizes=(4, 8),
+                              capture=False)
+    assert eng.program.caches[0].shape[1] == eng.num_blocks + 1      # [2, NB + 1, PS, ...]
+    reqs = [AddRequest(f"r{i}", tuple(p), greedy(6 + i)) for i, p in enumerate(PROMPTS[:3])]
+    outs = run_all(eng, reqs)
+    for r, p in zip(reqs, PROMPTS):
+        assert [t for o in outs[r.rid] for t in o.token_ids] == alone(p, r.params.max_tokens)
+    assert eng.graphs.replays > 0
+    assert eng.program.caches[0][:, eng.num_blocks].abs().sum() > 0   # padding wrote there
+    assert eng.stats().kv_blocks_used == 0
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
-def test_engine_on_cuda_with_triton_kernels_matches_cpu(prog, alone):
+@pytest.mark.parametrize("eager", [True, False])
+def test_engine_on_cuda_with_triton_kernels_matches_cpu(prog, alone, eager):
     """The same compiled program on a GPU (fp32, Triton kernels selected by the registry)
-    gives the CPU reference path's greedy tokens, batched."""
+    gives the CPU reference path's greedy tokens, batched: eagerly, and with decode steps
+    replayed from CUDA graphs (buckets 1, 2, 4: 4 requests finishing at different steps)."""
     import torch
 
     from tscompile.kernels import REGISTRY
 
     cfg = EngineConfig(page_size=16, max_num_seqs=4, max_num_batched_tokens=64,
-                       kv_cache_tokens=1024)
+                       kv_cache_tokens=1024, enforce_eager=eager)
     eng = Engine(RankProgram(prog, 0, dummy_seed=SEED, device="cuda"), cfg, vocab_size=256,
                  max_position_embeddings=512, device="cuda")
-    reqs = [AddRequest(f"g{i}", tuple(p), greedy(8)) for i, p in enumerate(PROMPTS[:4])]
+    assert (eng.graphs is None) == eager
+    reqs = [AddRequest(f"g{i}", tuple(p), greedy(8 + 2 * i)) for i, p in enumerate(PROMPTS[:4])]
     outs = run_all(eng, reqs)
     torch.cuda.synchronize()
     for r, p in zip(reqs, PROMPTS):
-        assert [t for o in outs[r.rid] for t in o.token_ids] == alone(p, 8), r.rid
+        assert [t for o in outs[r.rid] for t in o.token_ids] == alone(p, r.params.max_tokens)
+    if not eager:
+        assert sorted(eng.graphs.graphs) == [1, 2, 4] and eng.graphs.replays >= 8
     used = {key.split("@")[0]: backend for key, backend in REGISTRY.selections().items()
             if "@cuda" in key}
     assert used.get("gqa_decode") == "triton" and used.get("rms_norm") == "triton", used

@@ -1,0 +1,111 @@
+"""Engine decode-step time on a GPU: CUDA graphs against eager, against the bandwidth roof.
+
+What it measures: the whole engine step (scheduler plan, inputs, forward, sampling, update)
+for B requests decoding at a given context, once every request is past its prefill, with
+decode CUDA graphs (the serving default) and with --enforce-eager, on one compiled program
+with dummy weights. The roof is the bytes a decode step must read (every weight once, plus
+each request's K/V) over the copy bandwidth measured in the same run.
+
+    python -m benchmarks.decode_step --model qwen3 --preset qwen3-8b \\
+        [--batches 1,8,32] [--context 2048] [--steps 64] [--out F.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from tscompile.annotations import Mesh
+from tscompile.build import build
+from tscompile.runtime.engine import Engine, EngineConfig
+from tscompile.runtime.program import RankProgram
+from tscompile.runtime.protocol import AddRequest, SamplingParams
+
+
+def step_times(program: RankProgram, cfg: EngineConfig, batch: int, context: int,
+               steps: int, vocab: int, max_len: int) -> list[float]:
+    eng = Engine(program, cfg, vocab_size=vocab, max_position_embeddings=max_len,
+                 dtype=program.dtype, device="cuda")
+    params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
+    for i in range(batch):
+        prompt = tuple((7 * i + 13 * j) % vocab for j in range(context))
+        assert eng.add(AddRequest(f"r{i}", prompt, params)) is None
+    while eng.stats().running < batch or eng.sched.stats()["waiting"]:   # prefills
+        eng.step()
+    for _ in range(4):                                                   # warm decode
+        eng.step()
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        outs = eng.step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        assert len(outs) == batch, "a step that is not a pure decode of the whole batch"
+    del eng
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="qwen3")
+    ap.add_argument("--preset", default="qwen3-8b")
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--context", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    from benchmarks.kernels.harness import roofs
+
+    device = torch.device("cuda")
+    roof = roofs(device)
+    prog = build(a.model, preset=a.preset, mesh=Mesh.build(1))
+    t0 = time.perf_counter()
+    program = RankProgram(prog, 0, dummy_seed=0, dtype=torch.bfloat16, device=device)
+    load_s = time.perf_counter() - t0
+    c = program.config
+    weight_bytes = sum(t.numel() * t.element_size() for t in program.tensors.values())
+    kv = prog.manifest["kv_cache"]["elements_per_token_per_rank"] * 2
+    batches = [int(b) for b in a.batches.split(",")]
+    max_len = a.context + a.steps + 64
+    rows = []
+    for b in batches:
+        for eager in (False, True):
+            cfg = EngineConfig(max_num_seqs=max(batches), max_num_batched_tokens=8192,
+                               kv_cache_tokens=max(batches) * (max_len + 64), page_size=16,
+                               max_model_len=max_len, enforce_eager=eager)
+            times = step_times(program, cfg, b, a.context, a.steps, c.vocab_size, max_len)
+            med = statistics.median(times)
+            need = weight_bytes + b * (a.context + a.steps // 2) * kv
+            rows.append({"batch": b, "context": a.context, "cuda_graphs": not eager,
+                         "step_ms_median": round(med * 1e3, 3),
+                         "step_ms_p90": round(sorted(times)[int(0.9 * len(times))] * 1e3, 3),
+                         "tokens_per_s_per_user": round(1 / med, 1),
+                         "roof_ms": round(need / (roof["copy_GBps"] * 1e9) * 1e3, 3),
+                         "fraction_of_roof": round(need / (roof["copy_GBps"] * 1e9) / med, 3)})
+            print(rows[-1], flush=True)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip()
+    except OSError:
+        commit = "?"
+    result = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+              "host": platform.node(), "commit": commit, "model": f"{a.model}:{a.preset}",
+              "dtype": "bfloat16", "weight_bytes": weight_bytes, "kv_bytes_per_token": kv,
+              "dummy_weight_load_s": round(load_s, 1), "roofs": roof, "rows": rows}
+    print(f"{'batch':>5} {'graphs':>6} {'step ms':>8} {'roof ms':>8} {'of roof':>7} {'tok/s/user':>10}")
+    for r in rows:
+        print(f"{r['batch']:>5} {str(r['cuda_graphs']):>6} {r['step_ms_median']:>8} "
+              f"{r['roof_ms']:>8} {r['fraction_of_roof']:>7} {r['tokens_per_s_per_user']:>10}")
+    if a.out:
+        Path(a.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
