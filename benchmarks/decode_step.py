@@ -16,6 +16,7 @@ import json
 import platform
 import statistics
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,13 +33,14 @@ def step_times(program: RankProgram, cfg: EngineConfig, batch: int, context: int
                steps: int, vocab: int, max_len: int) -> list[float]:
     eng = Engine(program, cfg, vocab_size=vocab, max_position_embeddings=max_len,
                  dtype=program.dtype, device="cuda")
-    params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=max_len - context - 1, temperature=0.0, ignore_eos=True)
     for i in range(batch):
         prompt = tuple((7 * i + 13 * j) % vocab for j in range(context))
         assert eng.add(AddRequest(f"r{i}", prompt, params)) is None
-    while eng.stats().running < batch or eng.sched.stats()["waiting"]:   # prefills
-        eng.step()
-    for _ in range(4):                                                   # warm decode
+    for _ in range(10_000):                 # prefills, until one step decodes everyone
+        if len(eng.step()) == batch and eng.stats().running == batch:
+            break
+    for _ in range(4):                      # warm decode
         eng.step()
     times = []
     for _ in range(steps):
@@ -65,20 +67,22 @@ def main() -> None:
 
     device = torch.device("cuda")
     roof = roofs(device)
-    prog = build(a.model, preset=a.preset, mesh=Mesh.build(1))
+    path = build(a.model, preset=a.preset, mesh=Mesh.build(1)).save(
+        Path(tempfile.mkdtemp()) / f"{a.preset}.tsprog")
     t0 = time.perf_counter()
-    program = RankProgram(prog, 0, dummy_seed=0, dtype=torch.bfloat16, device=device)
+    program = RankProgram(path, 0, dummy_seed=0, dtype=torch.bfloat16, device=device)
+    prog = program.prog
     load_s = time.perf_counter() - t0
     c = program.config
     weight_bytes = sum(t.numel() * t.element_size() for t in program.tensors.values())
     kv = prog.manifest["kv_cache"]["elements_per_token_per_rank"] * 2
     batches = [int(b) for b in a.batches.split(",")]
-    max_len = a.context + a.steps + 64
+    max_len = a.context + a.steps + 512        # room for the decodes during prefill
     rows = []
     for b in batches:
         for eager in (False, True):
             cfg = EngineConfig(max_num_seqs=max(batches), max_num_batched_tokens=8192,
-                               kv_cache_tokens=max(batches) * (max_len + 64), page_size=16,
+                               kv_cache_tokens=max(batches) * (max_len + 16), page_size=16,
                                max_model_len=max_len, enforce_eager=eager)
             times = step_times(program, cfg, b, a.context, a.steps, c.vocab_size, max_len)
             med = statistics.median(times)

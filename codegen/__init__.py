@@ -90,7 +90,18 @@ def body_lines(stage: Stage) -> tuple[list[str], list[str], list[str]]:
     lines: list[str] = []
     inputs: list[str] = []
     layer = None
-    for n in stage.gm.graph.nodes:
+    # Free each intermediate after its last use (as torch.fx's own codegen does): a
+    # 36-layer prefill otherwise keeps every layer's activations alive until it returns.
+    nodes = list(stage.gm.graph.nodes)
+    last_use: dict[fx.Node, fx.Node] = {}
+    for n in reversed(nodes):
+        for a in n.all_input_nodes:
+            last_use.setdefault(a, n)
+    dead_after: dict[fx.Node, list[str]] = {}
+    for n in nodes:
+        if n.op in ("call_function", "call_method"):
+            dead_after.setdefault(last_use.get(n, n), []).append(n.name)
+    for n in nodes:
         if n.op == "placeholder":
             if n.target != "rank":
                 inputs.append(n.name)
@@ -121,6 +132,8 @@ def body_lines(stage: Stage) -> tuple[list[str], list[str], list[str]]:
             c = n.meta["collective"]
             lines.append(f"# {c['kind']}: {c['from']} -> {c['to']}")
         lines.append(f"{n.name} = {rhs}{_comment(n)}")
+        if dead_after.get(n):
+            lines.append(f"del {', '.join(dead_after[n])}")
     return lines, inputs, names.params
 
 

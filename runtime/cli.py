@@ -38,7 +38,9 @@ def parse(argv: list[str] | None = None) -> ServeConfig:
     p.add_argument("--max-model-len", type=int, default=_E.max_model_len)
     kv = p.add_mutually_exclusive_group()
     kv.add_argument("--kv-cache-tokens", type=int, default=_E.kv_cache_tokens)
-    kv.add_argument("--kv-memory-fraction", type=float, default=_E.kv_memory_fraction)
+    kv.add_argument("--kv-memory-fraction", type=float, default=_E.kv_memory_fraction,
+                    help="CUDA: fraction of the memory left free by the weights and the "
+                         "profiled largest step that the KV pool takes (default 0.9)")
     p.add_argument("--page-size", type=int, default=_E.page_size)
     p.add_argument("--session-ttl", type=float, default=_E.session_ttl,
                    help="seconds a finished session's prefix stays pinned in the KV cache")

@@ -22,6 +22,7 @@ import torch
 from tscompile.runtime._scheduler import (
     FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, Scheduler,
 )
+from tscompile.kernels import build_metadata
 from tscompile.runtime.cuda_graphs import DecodeGraphs, run_step
 from tscompile.runtime.program import RankProgram
 from tscompile.runtime.protocol import AddRequest, EngineStats, RequestOutput
@@ -43,7 +44,7 @@ class EngineConfig:
     max_model_len: int | None = None     # default: the model's max_position_embeddings
     page_size: int = 16
     kv_cache_tokens: int | None = None   # KV pool size in tokens (default below)
-    kv_memory_fraction: float | None = None   # CUDA: fraction of free memory for KV
+    kv_memory_fraction: float | None = None   # CUDA: fraction of free memory for KV (0.9)
     session_ttl: float = 60.0            # seconds a finished session's prefix stays pinned
     enable_prefix_caching: bool = True
     enforce_eager: bool = False          # CUDA: no decode CUDA graphs
@@ -87,18 +88,49 @@ def bind_rank(program: RankProgram, cfg: EngineConfig, num_blocks: int, max_mode
                         page_size=cfg.page_size, scratch_block=num_blocks, device=device)
 
 
+def activation_peak(program: RankProgram, cfg: EngineConfig, max_model_len: int,
+                    dtype: torch.dtype, device: torch.device) -> int:
+    """Bytes the largest step allocates beyond the weights (vLLM's profile run): one
+    prefill chunk of max_num_batched_tokens tokens through a temporary cache, measured
+    with the allocator's peak statistics. Every rank of a replica runs it (collectives)."""
+    tokens = min(cfg.max_num_batched_tokens, max_model_len)
+    blocks = -(-tokens // cfg.page_size)
+    program.bind_kv_caches(blocks, cfg.page_size, dtype=dtype, device=device)
+    meta = build_metadata([tokens], [tokens], [list(range(blocks))], cfg.page_size,
+                          device=device)
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    program(torch.zeros(tokens, dtype=torch.int64, device=device),
+            torch.arange(tokens, device=device), meta)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    program.unbind_kv_caches()
+    torch.cuda.empty_cache()
+    log.info("profile run: a %d-token step needs %.0f MiB of activations", tokens,
+             peak / 2**20)
+    return peak
+
+
 def kv_blocks(cfg: EngineConfig, program: RankProgram, dtype: torch.dtype,
-              device: torch.device) -> int:
-    """The scheduler's pool size in blocks: explicit tokens; else on CUDA a fraction of free
-    memory (less the scratch block); else (CPU) 16K tokens."""
+              device: torch.device, max_model_len: int) -> int:
+    """The scheduler's pool size in blocks: explicit tokens; else on CUDA a fraction of the
+    memory left free by the weights and the profiled activation peak (less the scratch
+    block); else (CPU) 16K tokens."""
     elem = torch.empty(0, dtype=dtype).element_size()
     bytes_per_token = program.prog.manifest["kv_cache"]["elements_per_token_per_rank"] * elem
     if cfg.kv_cache_tokens is not None:
         tokens = cfg.kv_cache_tokens
     elif device.type == "cuda":
+        peak = activation_peak(program, cfg, max_model_len, dtype, device)
         free, _ = torch.cuda.mem_get_info(device)
-        tokens = int(free * (cfg.kv_memory_fraction or 0.85)) // max(1, bytes_per_token)
-        tokens -= cfg.page_size
+        usable = int((free - peak) * (cfg.kv_memory_fraction or 0.9))
+        if usable < bytes_per_token * cfg.page_size * 2:
+            raise ValueError(f"no GPU memory left for the KV cache: {free / 2**30:.1f} GiB "
+                             f"free after the weights, a {cfg.max_num_batched_tokens}-token "
+                             f"step needs {peak / 2**30:.1f} GiB; lower "
+                             f"--max-num-batched-tokens or use more GPUs")
+        tokens = usable // max(1, bytes_per_token) - cfg.page_size
     else:
         tokens = 16384
     return max(1, tokens // cfg.page_size)
@@ -128,7 +160,8 @@ class Engine:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.vocab_size, self.eos = vocab_size, tuple(eos_token_ids)
         self.max_model_len = cfg.model_len(max_position_embeddings)
-        self.num_blocks = num_blocks or kv_blocks(cfg, program, dtype, self.device)
+        self.num_blocks = num_blocks or kv_blocks(cfg, program, dtype, self.device,
+                                                  self.max_model_len)
         self.graphs = bind_rank(program, cfg, self.num_blocks, self.max_model_len, dtype,
                                 self.device)
         self.sched = Scheduler(

@@ -117,6 +117,12 @@ class RankProgram:
         self._program = self._program_cls(self.rank, self.tensors)
         return self.caches
 
+    def unbind_kv_caches(self) -> None:
+        """Drop the caches (and the program that holds them), e.g. after a profile run."""
+        for layer in self.prog.manifest["kv_cache"]["layers"]:
+            self.tensors.pop(layer["name"], None)
+        self.caches, self._program = [], None
+
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: Any
                  ) -> torch.Tensor:
         if self._program is None:

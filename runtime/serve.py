@@ -96,30 +96,29 @@ def _rank_main(rank: int, world: int, port: int, cfg: ServeConfig, eos: tuple[in
                               dummy_seed=cfg.seed if cfg.dummy_weights else None, dtype=dtype,
                               device=device)
         c = program.config
+        max_len = cfg.engine.model_len(getattr(c, "max_position_embeddings", None))
+        # The pool size first (every rank runs the profile step; rank 0's count wins), then
+        # every rank binds its caches and captures its graphs (collectives inside) together.
+        num_blocks = _share_pool_size(kv_blocks(cfg.engine, program, dtype, device, max_len))
         if rank == 0:
-            # The pool size first: every rank binds its caches and captures its graphs
-            # (collectives inside) at the same time.
-            num_blocks = _share_pool_size(kv_blocks(cfg.engine, program, dtype, device))
             engine = Engine(program, cfg.engine, vocab_size=c.vocab_size, eos_token_ids=eos,
                             max_position_embeddings=getattr(c, "max_position_embeddings", None),
                             dtype=dtype, device=device, num_blocks=num_blocks)
             outputs.put(EngineReady(cfg.model_name, engine.max_model_len, c.vocab_size, eos))
             _engine_loop(engine, requests, outputs, parent)
         else:
-            max_len = cfg.engine.model_len(getattr(c, "max_position_embeddings", None))
-            graphs = bind_rank(program, cfg.engine, _share_pool_size(None), max_len, dtype,
-                               device)
+            graphs = bind_rank(program, cfg.engine, num_blocks, max_len, dtype, device)
             follow_steps(lambda step: run_step(program, graphs, step, device))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _share_pool_size(num_blocks: int | None) -> int:
+def _share_pool_size(num_blocks: int) -> int:
     """Rank 0 decides the KV pool size (free memory differs per GPU); the others follow."""
     if not dist.is_initialized():
-        return num_blocks or 0
-    t = torch.tensor([num_blocks or 0], dtype=torch.int64)
+        return num_blocks
+    t = torch.tensor([num_blocks], dtype=torch.int64)
     dist.broadcast(t, src=0, group=control_group())
     return int(t[0])
 

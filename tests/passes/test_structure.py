@@ -172,3 +172,31 @@ def test_kimi_k25_full_size_build_is_fast_and_small(tmp_path):
     assert s["num_layers"] == 61 and s["world_size"] == 4
     assert all(len(v) == 2 for v in s["collectives_per_layer"].values())
     assert s["collectives"] == {"all_reduce_add_rms_norm": 121, "all_reduce": 1}
+
+
+@pytest.mark.parametrize("model,preset", [("llama", "tiny"), ("qwen3", "tiny-moe"),
+                                          ("kimi_k25", "tiny")])
+def test_generated_program_frees_each_intermediate_after_its_last_use(model, preset):
+    """The program deletes every intermediate once nothing later reads it (a long prefill
+    otherwise holds all layers' activations at once), and never reads a deleted name."""
+    import ast
+
+    src = build(model, preset=preset, mesh=Mesh.build(2)).files["program.py"]
+    forward = next(f for f in ast.walk(ast.parse(src))
+                   if isinstance(f, ast.FunctionDef) and f.name == "forward")
+    assigned, deleted = set(), set()
+    for stmt in forward.body:
+        reads = {n.id for n in ast.walk(stmt) if isinstance(n, ast.Name)
+                 and isinstance(n.ctx, ast.Load)}
+        assert not reads & deleted, f"reads a deleted value: {ast.unparse(stmt)}"
+        if isinstance(stmt, ast.Delete):
+            names = {t.id for t in stmt.targets}
+            assert names <= assigned - deleted, ast.unparse(stmt)
+            deleted |= names
+        elif isinstance(stmt, ast.Assign):
+            assigned |= {t.id for t in stmt.targets if isinstance(t, ast.Name)}
+        elif isinstance(stmt, ast.Return):
+            returned = reads
+    kept = assigned - deleted - {"rank", "t"}
+    assert kept <= returned | {"getitem"}, sorted(kept - returned)[:10]
+    assert len(deleted) > 0.9 * len(assigned - {"rank", "t"})

@@ -184,3 +184,24 @@ def test_engine_on_cuda_with_triton_kernels_matches_cpu(prog, alone, eager):
     used = {key.split("@")[0]: backend for key, backend in REGISTRY.selections().items()
             if "@cuda" in key}
     assert used.get("gqa_decode") == "triton" and used.get("rms_norm") == "triton", used
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_kv_pool_sized_from_free_memory_after_a_profiled_step(prog, alone):
+    """No --kv-cache-tokens on CUDA: a profile step of max_num_batched_tokens measures the
+    activation peak, the pool takes the given fraction of what is left, and the temporary
+    profile caches are gone (only the pool plus the scratch block remain bound)."""
+    import torch
+
+    torch.cuda.empty_cache()              # the profile step empties the cache too
+    free = torch.cuda.mem_get_info()[0]
+    cfg = EngineConfig(page_size=16, max_num_seqs=4, max_num_batched_tokens=256,
+                       kv_memory_fraction=0.02)
+    eng = Engine(RankProgram(prog, 0, dummy_seed=SEED, device="cuda"), cfg, vocab_size=256,
+                 max_position_embeddings=512, device="cuda")
+    per_block = sum(c[:, :1].numel() * c.element_size() for c in eng.program.caches)
+    assert 0 < eng.num_blocks * per_block <= 0.02 * free
+    assert all(c.shape[1] == eng.num_blocks + 1 for c in eng.program.caches)
+    out = run_all(eng, [AddRequest("p", tuple(PROMPTS[2]), greedy(6))])["p"]
+    assert [t for o in out for t in o.token_ids] == alone(PROMPTS[2], 6)
