@@ -13,7 +13,11 @@ Kimi EP8: every rank sees all T tokens and computes only the pairs whose expert 
 (rank 3 here: experts [144, 192)). At T=1 an average rank holds 1 of the token's 8 experts
 (`kimi_ep8_t1`); the slowest rank of a step can hold all 8 (`kimi_ep8_t1_worst`).
 
-    python -m benchmarks.kernels.moe [--sweep]   # time the cases (and a tile sweep)
+One token takes the decode path (pick_config: two launches, no align / slot-sum); the
+`*_aligned` cases time the general four-launch path on the same one-token inputs, so both
+regimes are measured side by side in one run.
+
+    python -m benchmarks.kernels.moe [--sweep | --sweep-decode | --profile]
 """
 from __future__ import annotations
 
@@ -54,7 +58,10 @@ def _routing(tokens: int, global_experts: int, top_k: int, seed: int,
 
 def experts_case(name: str, tokens: int, *, experts: int, top_k: int, hidden: int, width: int,
                  global_experts: int | None = None, expert_start: int = 0,
-                 local_per_token: int | None = None, seed: int = 0) -> dict[str, Any]:
+                 local_per_token: int | None = None, seed: int = 0,
+                 aligned: bool = False) -> dict[str, Any]:
+    """`aligned`: force the general (align + two GEMMs + slot sum) path, whatever the rule
+    of pick_config would take."""
     global_experts = global_experts or experts
     held = range(expert_start, expert_start + experts)
     weights, ids = _routing(tokens, global_experts, top_k, seed, held, local_per_token)
@@ -73,12 +80,16 @@ def experts_case(name: str, tokens: int, *, experts: int, top_k: int, hidden: in
         return x, w13, w2, weights.to(device), ids.to(device), expert_start
 
     def build(device: torch.device) -> Callable[[], torch.Tensor]:
-        from tscompile.kernels.triton.moe import moe_experts_triton
+        from tscompile.kernels.triton import moe as tmoe
 
         args = inputs(device)
-        return lambda: moe_experts_triton(*args)
+        if aligned:
+            cfg = tmoe.aligned_config(tokens * top_k, experts, hidden, width)
+            return lambda: tmoe.experts_with_config(*args, cfg)
+        return lambda: tmoe.moe_experts_triton(*args)
 
     return {"name": name, "op": "moe_experts", "build": build, "inputs": inputs,
+            "path": "aligned" if aligned else ("decode" if tokens == 1 else "aligned"),
             "bytes": nbytes,
             "flops": 6 * pairs * width * hidden, "tokens": tokens, "experts_touched": touched,
             "experts_expected": round(expected_distinct(global_experts, top_k, tokens)
@@ -105,8 +116,11 @@ def route_case(name: str, tokens: int, experts: int, top_k: int, scoring: str,
 
 CASES: list[dict[str, Any]] = [
     *(experts_case(f"moonlight_t{t}", t, **MOONLIGHT, seed=t) for t in (1, 4, 16, 64, 256)),
+    experts_case("moonlight_t1_aligned", 1, **MOONLIGHT, seed=1, aligned=True),
     experts_case("kimi_ep8_t1", 1, **KIMI_EP8, local_per_token=1),
+    experts_case("kimi_ep8_t1_aligned", 1, **KIMI_EP8, local_per_token=1, aligned=True),
     experts_case("kimi_ep8_t1_worst", 1, **KIMI_EP8, local_per_token=8),
+    experts_case("kimi_ep8_t1_worst_aligned", 1, **KIMI_EP8, local_per_token=8, aligned=True),
     experts_case("kimi_ep8_t64", 64, **KIMI_EP8, seed=64),
     route_case("route_kimi_t1", 1, 384, 8, "sigmoid", scale=2.827),
     route_case("route_kimi_t256", 256, 384, 8, "sigmoid", scale=2.827),
@@ -152,7 +166,8 @@ def _sweep(device: torch.device, only: str | None = None) -> None:
     from benchmarks.kernels.harness import _time_graph
     from tscompile.kernels.triton import moe as tmoe
 
-    cases = [c for c in CASES if c["op"] == "moe_experts" and (not only or only in c["name"])]
+    cases = [c for c in CASES if c["op"] == "moe_experts" and c["path"] == "aligned"
+             and (not only or only in c["name"])]
     jobs, seen = [], set()
     for case in cases:
         spec = KIMI_EP8 if "kimi" in case["name"] else MOONLIGHT
@@ -168,7 +183,7 @@ def _sweep(device: torch.device, only: str | None = None) -> None:
 
     for case in cases:
         x, w13, w2, w, i, start = case["inputs"](device)
-        base = tmoe.pick_config(i.numel(), w13.shape[0], x.shape[1], w13.shape[1] // 2)
+        base = tmoe.aligned_config(i.numel(), w13.shape[0], x.shape[1], w13.shape[1] // 2)
 
         def timed(cfg):
             try:
@@ -196,6 +211,58 @@ def _sweep(device: torch.device, only: str | None = None) -> None:
         torch.cuda.empty_cache()
 
 
+def _sweep_decode(device: torch.device, only: str | None = None, w13: bool = False) -> None:
+    """Tiles of the one-token path: (with `w13`) the w13 launch's (block_n1, block_k1,
+    stages1, warps1) with decode_config's w2 tiles, then the w2-and-sum launch's (block_n2,
+    block_k2, stages2, warps2) with the best w13 tiles. Two input sets per timing (> L2),
+    in one CUDA graph."""
+    import dataclasses
+
+    from benchmarks.kernels.harness import _time_graph
+    from tscompile.kernels.triton import moe as tmoe
+
+    cases = [c for c in CASES if c["op"] == "moe_experts" and c["path"] == "decode"
+             and (not only or only in c["name"])]
+    tiles1 = [(32, 256, 3, 4), (64, 128, 4, 4)] if w13 else []
+    tiles2 = [(16, 512, 3, 4), (16, 256, 8, 4), (16, 256, 5, 4), (8, 512, 6, 4),
+              (32, 256, 6, 8)]
+    for case in cases:
+        sets = [case["inputs"](device) for _ in range(2)]
+        hidden, width = sets[0][0].shape[1], sets[0][1].shape[1] // 2
+        base = tmoe.decode_config(hidden, width)
+
+        def timed(cfg):
+            try:
+                return _time_graph([lambda a=a: tmoe.experts_with_config(*a, cfg)
+                                    for a in sets])
+            except Exception as e:       # e.g. out of shared memory / registers
+                print(f"   {cfg}: {type(e).__name__}", flush=True)
+                return float("inf")
+
+        def show(tag, t, cfg):
+            print(f"{case['name']} {tag}: {t * 1e6:7.1f} us "
+                  f"({case['bytes'] / t / 1e9:.0f} GB/s) n1={cfg.block_n1} k1={cfg.block_k1} "
+                  f"s1={cfg.stages1} n2={cfg.block_n2} k2={cfg.block_k2} s2={cfg.stages2} "
+                  f"w2={cfg.warps2}",
+                  flush=True)
+
+        best = (timed(base), base)
+        show("picked", *best)
+        for k, tiles in ((1, tiles1), (2, tiles2)):
+            start = best[1]
+            for bn, bk, st, warps in tiles:
+                cfg = dataclasses.replace(start, **{f"block_n{k}": bn, f"block_k{k}": bk,
+                                                    f"stages{k}": st, f"warps{k}": warps})
+                if cfg == start:
+                    continue
+                t = timed(cfg)
+                show(f"w{'13' if k == 1 else '2'}", t, cfg)
+                best = min(best, (t, cfg), key=lambda r: r[0])
+        show("best", *best)
+        del sets
+        torch.cuda.empty_cache()
+
+
 def _profile(device: torch.device, only: str | None = None, tiles: str | None = None) -> None:
     """Per-kernel GPU time (torch.profiler / CUPTI) of each experts case, 4 input sets.
     `tiles` "bn1,bk1,stages1,bn2,bk2,stages2" overrides pick_config's (block_m kept)."""
@@ -216,14 +283,22 @@ def _profile(device: torch.device, only: str | None = None, tiles: str | None = 
         if case["op"] != "moe_experts" or (only and only not in case["name"]):
             continue
         sets = [case["inputs"](device) for _ in range(2 if case["bytes"] > 5e8 else 4)]
+
+        def run(a, aligned=case["path"] == "aligned" and case["tokens"] == 1):
+            if aligned:      # the general path on one token (pick_config takes decode)
+                x, w13 = a[0], a[1]
+                return tmoe.experts_with_config(*a, tmoe.aligned_config(
+                    a[4].numel(), w13.shape[0], x.shape[1], w13.shape[1] // 2))
+            return tmoe.moe_experts_triton(*a)
+
         for a in sets:
-            tmoe.moe_experts_triton(*a)
+            run(a)
         torch.cuda.synchronize()
         reps = 10
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(reps):
                 for a in sets:
-                    tmoe.moe_experts_triton(*a)
+                    run(a)
             torch.cuda.synchronize()
         per = defaultdict(float)
         for ev in prof.events():
@@ -244,6 +319,8 @@ def _bms(case: dict[str, Any]) -> tuple[int, ...]:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep-decode", action="store_true", help="one-token path tiles")
+    ap.add_argument("--sweep-w13", action="store_true", help="with --sweep-decode: w13 too")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--only", help="case-name substring (with --sweep or --profile)")
     ap.add_argument("--tiles", help="with --profile: bn1,bk1,stages1,bn2,bk2,stages2")
@@ -252,6 +329,8 @@ if __name__ == "__main__":
         _profile(torch.device("cuda"), args.only, args.tiles)
     elif args.sweep:
         _sweep(torch.device("cuda"), args.only)
+    elif args.sweep_decode:
+        _sweep_decode(torch.device("cuda"), args.only, w13=args.sweep_w13)
     else:
         from benchmarks.kernels.harness import main
 

@@ -15,7 +15,8 @@ rounds of "take the max, lowest expert id among equals" (the same order as `topk
 descending; an exact tie goes to the lower id), weights from the uncorrected scores,
 renormalised, times routed_scaling_factor. Bytes T*E*4 in, T*k*8 out: tiny, launch-bound.
 
-moe_experts, four launches (graph-capturable: no host sync, every size is a bound):
+moe_experts, two regimes chosen by pick_config from T alone (graph-capturable: no host
+sync, every size is a bound). T >= 2, the aligned path, four launches:
   1. align (one program per held expert; each histograms all N ids, so all agree on the
      layout): pad each expert's segment to a multiple of BM and write
      `sorted_pair` [<= N + min(N, E)*(BM-1)] (pair index t*k+j, grouped by expert, in pair
@@ -31,6 +32,13 @@ moe_experts, four launches (graph-capturable: no host sync, every size is a boun
 Why per-slot rows and a sum over k instead of fp32 atomics into out: deterministic (the
 same inputs give the same bits), no zero-fill and no cast launch, and at decode the extra
 N*H*8 bytes are noise next to the weights (Moonlight T=64: 6 MB vs 1.1 GB).
+T == 1, the decode path, two launches (the token's k slots name k distinct experts, so
+nothing needs sorting, and one program can own an H tile across all slots):
+  1. the same gate/up kernel with DECODE: grid (k, I/BN), program (j, n) reads expert
+     ids[j] straight from topk_ids (not held: returns); act [k, I], row j.
+  2. out[0, n tile] = sum over held j of weight[j] * W2[e_j] act[j]: grid H/BN, a CUDA-core
+     matrix-vector loop over (held slot, K step), fp32 sum in registers, written once.
+  Same determinism, no align / y / slot-sum launches, no [k, H] fp32 round trip.
 
 Napkin math (bf16, H100: ~3.0 TB/s copy bandwidth, ~790 TFLOP/s bf16 dense, measured):
   bytes ~ distinct held experts touched * 3*I*H*2 + activations; FLOPs = 6*N*I*H.
@@ -42,15 +50,22 @@ Napkin math (bf16, H100: ~3.0 TB/s copy bandwidth, ~790 TFLOP/s bf16 dense, meas
   one expert's rows and BM is chosen >= the expected pairs per expert, so one program per
   (expert, N tile) streams that tile of the weights exactly once.
 
-Tiling (pick_config; H100 sweeps in benchmarks/kernels/moe.py --sweep/--profile): at
-BM <= 32 what matters is the weight bytes in flight per SM, not the program count: w13
-tiles of BN=32 x BK=256 (gate + up, 32 KB a stage, 4 stages) beat BN=16 (twice the
-programs) by 1.2-1.9x at T=1; the w2 GEMM uses BN=64 x BK=128 x 5 stages. Measured on one
-H100 (kernel time by CUPTI; harness time in a CUDA graph over rotating input sets):
-  Moonlight T=1 48 us (align 1.9, w13 27.8, w2 15.5, sum 2.9): 2.2 TB/s; T=16..64 2.9 TB/s;
-  T=256 438 us, 2.5 TB/s. Kimi EP8 T=1 (1 expert) 42 us, 2.1 TB/s; T=64 988 us, 3.0 TB/s.
-The T=1 gap to the roof is the ramp of two short weight-streaming launches plus ~5 us for
-align and sum; the routing kernel is ~3-4 us per call (launch-bound).
+Tiling (aligned_config / decode_config; H100 sweeps in benchmarks/kernels/moe.py
+--sweep / --sweep-decode / --profile): at BM <= 32 what matters is the weight bytes in
+flight per SM, not the program count: w13 tiles of BN=32 x BK=256 (gate + up, 32 KB a
+stage, 4 stages) beat BN=16 (twice the programs) by 1.2-1.9x at T=1; the aligned w2 GEMM
+uses BN=64 x BK=128 x 5 stages; the decode w2-and-sum loop 16 x 512 x 5 stages, 8 warps
+(a tensor-core version with one real row in an M=16 tile ran at 1.4 TB/s, latency-bound
+on its mma chain). Measured on one H100 (kernel time by CUPTI; harness time in a CUDA
+graph over rotating input sets; benchmarks/results/kernels/h100_moe_bc3e7fb.*):
+  Moonlight T=1 decode 47.2 us, 73.7% of the copy roof (w13 27.0, w2+sum 14.4 us); the
+  aligned path on the same token 50.3 us, 69.2% (align 1.9, w13 26.8, w2 15.6, sum 3.0).
+  T=4 87%, T=16..64 94-95%, T=256 84%. Kimi EP8 T=1: 1 held expert 47.0 us (aligned 49.7);
+  the worst rank (8 of 8 held) 286 us, 82.5%, slower than the aligned path there (251 us,
+  94%): its w13 launch took 184 vs 156 us with the same tiles (not yet explained) and the
+  w2-and-sum loop 95 vs 86 us (w2 + sum). Kimi T=64 995 us, ~3.0 TB/s.
+The T=1 gap left to the roof is mostly the ramp of two short weight-streaming launches;
+the routing kernel is ~3-4 us per call (launch-bound).
 """
 from __future__ import annotations
 
@@ -177,7 +192,12 @@ def moe_route_triton(router_logits, correction_bias, top_k, scoring, renormalize
 
 @dataclass(frozen=True, slots=True)
 class MoeConfig:
-    """Tiles of the two grouped GEMMs. block_m is shared (the align step pads to it)."""
+    """Tiles of the two grouped GEMMs. block_m is shared (the align step pads to it).
+
+    decode=True selects the one-token path (no align, no slot-sum launch): block_n1/k1 tile
+    the gate/up GEMM of one (slot, I tile) program (block_m is then only the dot's row
+    count; row 0 is the token), block_n2 x block_k2 the W2 tile of one step of a w2-and-sum
+    program (stages2: its software pipeline depth)."""
 
     block_m: int = 16
     block_n1: int = 32     # columns of I per program in the w13 GEMM (gate and up each)
@@ -188,9 +208,39 @@ class MoeConfig:
     block_k2: int = 128
     warps2: int = 4
     stages2: int = 4
+    decode: bool = False
 
 
-def pick_config(num_pairs: int, num_experts: int, hidden: int, width: int) -> MoeConfig:
+def pick_config(num_tokens: int, top_k: int, num_experts: int, hidden: int,
+                width: int) -> MoeConfig:
+    """The regime rule: one token (decode, T == 1) -> decode_config, else aligned_config.
+
+    One token's k pairs name k different experts (topk over distinct ids), so one program
+    per (slot, tile) reads each touched expert's weights once without sorting anything, and
+    one program per H tile can loop over the k slots and sum them itself. From two tokens
+    on, pairs share experts and a per-token program would read a shared expert twice: the
+    aligned path groups the pairs by expert first."""
+    if num_tokens == 1:
+        return decode_config(hidden, width)
+    return aligned_config(num_tokens * top_k, num_experts, hidden, width)
+
+
+def decode_config(hidden: int, width: int) -> MoeConfig:
+    """One token: 2 launches. w13: grid (k, I/block_n1), the aligned path's decode tiles
+    (BN=32 x BK=256 gate + up, 4 stages). w2 + slot sum: grid H/block_n2, a CUDA-core
+    matrix-vector loop; block_n2=16 gives Moonlight (H=2048) 128 programs for the 132 SMs,
+    each streaming 16 rows x 512 columns of a held expert's W2 per step, 4 steps ahead
+    (~64 KB of weight loads in flight per SM: one program per SM must hide the latency
+    alone)."""
+    if INTERPRET:
+        return MoeConfig(block_m=16, block_n1=16, block_k1=16, block_n2=16, block_k2=16,
+                         decode=True)
+    return MoeConfig(16, block_n1=32, block_k1=256 if hidden % 256 == 0 else 128, warps1=4,
+                     stages1=4, block_n2=16, block_k2=min(512, triton.next_power_of_2(width)),
+                     warps2=8, stages2=5, decode=True)
+
+
+def aligned_config(num_pairs: int, num_experts: int, hidden: int, width: int) -> MoeConfig:
     """Tiles from the shapes alone (no host sync on the routing).
 
     block_m = the expected pairs per expert (rounded up to a power of 2, 16..128), so an
@@ -260,18 +310,32 @@ def _align_kernel(ids_ptr, sorted_pair_ptr, block_expert_ptr, block_rows_ptr, nu
 
 @triton.jit
 def _w13_silu_kernel(x_ptr, w13_ptr, act_ptr, sorted_pair_ptr, block_expert_ptr,
-                     block_rows_ptr, hidden, width, top_k, stride_xt, stride_we, stride_wn,
+                     block_rows_ptr, hidden, width, top_k, expert_start, num_experts,
+                     stride_xt, stride_we, stride_wn,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, IEEE: tl.constexpr):
+                     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, IEEE: tl.constexpr,
+                     DECODE: tl.constexpr):
+    """Aligned: program (row block, I tile) of the sorted pairs. DECODE (one token):
+    program (slot j, I tile); block_expert_ptr is then topk_ids [k], row 0 of the tile is
+    the token, and its act row is j (sorted_pair_ptr/block_rows_ptr unused)."""
     blk = tl.program_id(0)
-    expert = tl.load(block_expert_ptr + blk)
-    if expert < 0:
-        return
-    rows = tl.load(block_rows_ptr + blk)
     offs_m = tl.arange(0, BLOCK_M)
-    row_ok = offs_m < rows
-    pair = tl.load(sorted_pair_ptr + blk * BLOCK_M + offs_m, mask=row_ok, other=0)
-    token = (pair // top_k).to(tl.int64)
+    if DECODE:
+        expert = tl.load(block_expert_ptr + blk).to(tl.int32) - expert_start
+        if (expert < 0) | (expert >= num_experts):
+            return
+        row_ok = offs_m < 1
+        token = (offs_m * 0).to(tl.int64)
+        rows64 = (blk + offs_m).to(tl.int64)                 # only row 0 is stored
+    else:
+        expert = tl.load(block_expert_ptr + blk)
+        if expert < 0:
+            return
+        rows = tl.load(block_rows_ptr + blk)
+        row_ok = offs_m < rows
+        pair = tl.load(sorted_pair_ptr + blk * BLOCK_M + offs_m, mask=row_ok, other=0)
+        token = (pair // top_k).to(tl.int64)
+        rows64 = (blk * BLOCK_M + offs_m).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < width
     offs_k = tl.arange(0, BLOCK_K)
@@ -304,7 +368,6 @@ def _w13_silu_kernel(x_ptr, w13_ptr, act_ptr, sorted_pair_ptr, block_expert_ptr,
         gate_ptrs += BLOCK_K
         up_ptrs += BLOCK_K
     act = acc_gate * tl.sigmoid(acc_gate) * acc_up                 # silu(gate) * up, fp32
-    rows64 = (blk * BLOCK_M + offs_m).to(tl.int64)
     tl.store(act_ptr + rows64[:, None] * width + offs_n[None, :],
              act.to(act_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
@@ -354,6 +417,49 @@ def _w2_kernel(act_ptr, w2_ptr, y_ptr, topk_w_ptr, sorted_pair_ptr, block_expert
 
 
 @triton.jit
+def _w2_sum_decode_kernel(act_ptr, w2_ptr, out_ptr, topk_w_ptr, ids_ptr, hidden, width,
+                          top_k, expert_start, num_experts, stride_we, stride_wn,
+                          K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, STAGES: tl.constexpr):
+    """One token: out[0, n tile] = sum over the held slots j of weight[j] * W2[e_j] act[j]
+    on the n tile, a matrix-vector product on the CUDA cores: acc[BN, BK] += W * (wt * a),
+    summed over K once at the end, fp32 throughout (no M=16 tensor-core tile of which one
+    row is real: its ldmatrix/mma chain per K step made this launch latency-bound, 1.4 TB/s
+    on an H100). One flat loop over (held slot, K step), software-pipelined with
+    tl.range(num_stages) (a loop with no dot is pipelined only when asked), so the weight
+    stream never drains between slots; step `it` takes the held slot of rank it // k_steps."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < hidden
+    slots = tl.arange(0, K_PAD)
+    e = tl.load(ids_ptr + slots, mask=slots < top_k, other=-1).to(tl.int32) - expert_start
+    held = (slots < top_k) & (e >= 0) & (e < num_experts)
+    rank = tl.cumsum(held.to(tl.int32), axis=0) - 1
+    num_held = tl.sum(held.to(tl.int32), axis=0)
+    k_steps = tl.cdiv(width, BLOCK_K)
+    offs_k = tl.arange(0, BLOCK_K)
+    w_rows = offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]             # [N, K]
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for it in tl.range(0, num_held * k_steps, num_stages=STAGES):
+        s = it // k_steps
+        k0 = (it - s * k_steps) * BLOCK_K
+        slot = tl.sum(tl.where(held & (rank == s), slots, 0), axis=0)
+        expert = tl.load(ids_ptr + slot).to(tl.int32) - expert_start
+        wt = tl.load(topk_w_ptr + slot).to(tl.float32)
+        a_ptrs = act_ptr + slot * width + k0 + offs_k
+        w_ptrs = w2_ptr + expert.to(tl.int64) * stride_we + k0 + w_rows
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=offs_k < width - k0, other=0.0)
+        if EVEN_K and EVEN_N:
+            w = tl.load(w_ptrs)
+        else:
+            w = tl.load(w_ptrs, mask=n_ok[:, None] & (offs_k < width - k0)[None, :], other=0.0)
+        acc += w.to(tl.float32) * (a.to(tl.float32) * wt)[None, :]
+    tl.store(out_ptr + offs_n, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
 def _sum_slots_kernel(y_ptr, ids_ptr, out_ptr, hidden, top_k, expert_start, num_experts,
                       K_PAD: tl.constexpr, BLOCK_H: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
@@ -373,6 +479,9 @@ def experts_with_config(x, w13, w2, topk_weights, topk_ids, expert_start, cfg: M
     num_tokens, hidden = x.shape
     num_experts, width = w13.shape[0], w13.shape[1] // 2
     top_k = topk_ids.shape[1]
+    if cfg.decode and num_tokens != 1:
+        raise ValueError(f"moe_experts (triton): the decode path takes one token, got "
+                         f"{num_tokens}; use aligned_config (pick_config chooses)")
     out = torch.empty_like(x)
     if num_tokens == 0 or top_k == 0:
         return out.zero_()
@@ -381,6 +490,11 @@ def experts_with_config(x, w13, w2, topk_weights, topk_ids, expert_start, cfg: M
     w2 = w2 if w2.stride(-1) == 1 else w2.contiguous()
     flat_ids = topk_ids.reshape(-1)
     flat_w = topk_weights.reshape(-1)
+    # fp32 in: exact fp32 products (not tf32). The interpreter's bf16/fp16 dot is wrong
+    # (Triton 3.6), so there every dot runs on fp32 copies of the tiles.
+    ieee = x.dtype == torch.float32 or INTERPRET
+    if cfg.decode:
+        return _experts_decode(x, w13, w2, flat_w, flat_ids, expert_start, cfg, ieee, out)
     n, bm, dev = flat_ids.numel(), cfg.block_m, x.device
     max_rows = n + min(n, num_experts) * (bm - 1)                   # every held expert padded
     max_blocks = triton.cdiv(max_rows, bm)
@@ -391,16 +505,13 @@ def experts_with_config(x, w13, w2, topk_weights, topk_ids, expert_start, cfg: M
         flat_ids, sorted_pair, block_expert, block_rows, n, expert_start, num_experts,
         max_blocks, BLOCK_M=bm, E_PAD=triton.next_power_of_2(num_experts),
         CHUNK=min(2048, max(16, triton.next_power_of_2(n))), num_warps=4)
-    # fp32 in: exact fp32 products (not tf32). The interpreter's bf16/fp16 dot is wrong
-    # (Triton 3.6), so there every dot runs on fp32 copies of the tiles.
-    ieee = x.dtype == torch.float32 or INTERPRET
     act = torch.empty(max_blocks * bm, width, dtype=x.dtype, device=dev)
     _w13_silu_kernel[(max_blocks, triton.cdiv(width, cfg.block_n1))](
         x, w13, act, sorted_pair, block_expert, block_rows, hidden, width, top_k,
-        x.stride(0), w13.stride(0), w13.stride(1),
+        expert_start, num_experts, x.stride(0), w13.stride(0), w13.stride(1),
         BLOCK_M=bm, BLOCK_N=cfg.block_n1, BLOCK_K=cfg.block_k1,
         EVEN_K=hidden % cfg.block_k1 == 0, EVEN_N=width % cfg.block_n1 == 0, IEEE=ieee,
-        num_warps=cfg.warps1, num_stages=cfg.stages1)
+        DECODE=False, num_warps=cfg.warps1, num_stages=cfg.stages1)
     # Per-slot rows in fp32, unless that grows past Y_FP32_MAX_BYTES (prefill: Kimi T=8192
     # would need 1.9 GB); then in x.dtype, rounded once per slot as the reference does.
     y_dtype = torch.float32 if n * hidden * 4 <= Y_FP32_MAX_BYTES else x.dtype
@@ -418,7 +529,31 @@ def experts_with_config(x, w13, w2, topk_weights, topk_ids, expert_start, cfg: M
     return out
 
 
+def _experts_decode(x, w13, w2, flat_w, flat_ids, expert_start, cfg, ieee, out):
+    """One token, two launches: act[j] = silu(gate) * up for each held slot j (grid k x I
+    tiles, straight from topk_ids), then out = sum_j weight[j] * act[j] @ W2[e_j]^T (grid H
+    tiles, the slot sum in fp32 registers, written once in x.dtype)."""
+    hidden = x.shape[1]
+    num_experts, width = w13.shape[0], w13.shape[1] // 2
+    top_k = flat_ids.numel()
+    act = torch.empty(top_k, width, dtype=x.dtype, device=x.device)
+    _w13_silu_kernel[(top_k, triton.cdiv(width, cfg.block_n1))](
+        x, w13, act, flat_ids, flat_ids, flat_ids, hidden, width, top_k,
+        expert_start, num_experts, x.stride(0), w13.stride(0), w13.stride(1),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n1, BLOCK_K=cfg.block_k1,
+        EVEN_K=hidden % cfg.block_k1 == 0, EVEN_N=width % cfg.block_n1 == 0, IEEE=ieee,
+        DECODE=True, num_warps=cfg.warps1, num_stages=cfg.stages1)
+    _w2_sum_decode_kernel[(triton.cdiv(hidden, cfg.block_n2),)](
+        act, w2, out, flat_w, flat_ids, hidden, width, top_k, expert_start, num_experts,
+        w2.stride(0), w2.stride(1),
+        K_PAD=triton.next_power_of_2(top_k), BLOCK_N=cfg.block_n2, BLOCK_K=cfg.block_k2,
+        EVEN_K=width % cfg.block_k2 == 0, EVEN_N=hidden % cfg.block_n2 == 0,
+        STAGES=cfg.stages2, num_warps=cfg.warps2, num_stages=cfg.stages2)
+    return out
+
+
 @register("moe_experts", "triton", priority=PRIO, requires=EXPERTS_REQ)
 def moe_experts_triton(x, w13, w2, topk_weights, topk_ids, expert_start=0):
-    cfg = pick_config(topk_ids.numel(), w13.shape[0], x.shape[1], w13.shape[1] // 2)
+    cfg = pick_config(x.shape[0], topk_ids.shape[1], w13.shape[0], x.shape[1],
+                      w13.shape[1] // 2)
     return experts_with_config(x, w13, w2, topk_weights, topk_ids, expert_start, cfg)

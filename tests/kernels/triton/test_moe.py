@@ -6,8 +6,10 @@ the same order: scores descending, an exact tie to the lower expert id) and its 
 gate/up and the w2 product in fp32 where the reference rounds each to bf16). The tiles are
 forced small (block_m 16 or 32, block_n/k 16) so several row blocks per expert, several
 N tiles, K tails and padded rows all occur; the align step is checked against the layout
-it promises.
-GPU (`-m gpu`): Moonlight and Kimi K2.5 EP8 shapes against the reference.
+it promises. The one-token decode path (no align, w2 GEMM and slot sum in one launch) is
+checked the same way with its own small tiles (DECODE, DECODE_WIDE).
+GPU (`-m gpu`): Moonlight and Kimi K2.5 EP8 shapes against the reference, through both
+paths at T=1.
 """
 from __future__ import annotations
 
@@ -90,16 +92,24 @@ def test_route_ties_go_to_the_lower_expert_id():
 
 def make_experts(tokens, experts, hidden, width, k, dtype=torch.float32, global_experts=None,
                  gen=None):
-    x = torch.randn(tokens, hidden, generator=gen).to(dtype)
-    w13 = (torch.randn(experts, 2 * width, hidden, generator=gen) * hidden ** -0.5).to(dtype)
-    w2 = (torch.randn(experts, hidden, width, generator=gen) * width ** -0.5).to(dtype)
-    logits = torch.randn(tokens, global_experts or experts, generator=gen)
+    """Inputs on gen's device (the GPU tests draw their GB of weights there)."""
+    dev = gen.device if gen is not None else "cpu"
+    x = torch.randn(tokens, hidden, generator=gen, device=dev).to(dtype)
+    w13 = (torch.randn(experts, 2 * width, hidden, generator=gen, device=dev)
+           * hidden ** -0.5).to(dtype)
+    w2 = (torch.randn(experts, hidden, width, generator=gen, device=dev)
+          * width ** -0.5).to(dtype)
+    logits = torch.randn(tokens, global_experts or experts, generator=gen, device=dev)
     weights, ids = moe_route_reference(logits, None, k, "softmax", True, 1, 1, 1.0)
     return x, w13, w2, weights, ids
 
 
 SMALL = tmoe.MoeConfig(block_m=16, block_n1=16, block_k1=16, block_n2=16, block_k2=16)
 TALL = tmoe.MoeConfig(block_m=32, block_n1=32, block_k1=32, block_n2=16, block_k2=32)
+DECODE = tmoe.MoeConfig(block_m=16, block_n1=16, block_k1=16, block_n2=16, block_k2=16,
+                        decode=True)
+DECODE_WIDE = tmoe.MoeConfig(block_m=16, block_n1=32, block_k1=32, block_n2=32, block_k2=32,
+                             decode=True)
 
 
 @pytest.mark.parametrize("tokens, experts, hidden, width, k", [
@@ -160,6 +170,87 @@ def test_experts_idle_expert_weights_are_never_read():
     torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
 
 
+# ---------------------------------------------------------------------------------------
+# moe_experts, one token: the decode path
+
+@pytest.mark.parametrize("experts, hidden, width, k", [
+    (4, 24, 20, 2),          # H, I not multiples of the tiles: K and N tails
+    (8, 32, 64, 6),          # even tiles, several K steps per slot, k not a power of 2
+    (6, 16, 16, 1),          # top-1
+    (5, 48, 40, 5),          # k = E: every expert
+])
+@pytest.mark.parametrize("cfg", [DECODE, DECODE_WIDE], ids=["n16", "n32"])
+def test_experts_decode_fp32(experts, hidden, width, k, cfg):
+    x, w13, w2, weights, ids = make_experts(1, experts, hidden, width, k)
+    out = tmoe.experts_with_config(x, w13, w2, weights, ids, 0, cfg)
+    want = moe_experts_reference(x, w13, w2, weights, ids)
+    torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("start", [0, 4, 12])
+def test_experts_decode_expert_parallel(start):
+    """Held experts [start, start+4) of 16: non-held slots are skipped, wherever they sit
+    among the k slots (the held ones are found by rank)."""
+    gen = torch.Generator().manual_seed(start)
+    for _ in range(3):
+        x, w13, w2, weights, ids = make_experts(1, 4, 24, 20, 6, global_experts=16, gen=gen)
+        out = tmoe.experts_with_config(x, w13, w2, weights, ids, start, DECODE)
+        want = moe_experts_reference(x, w13, w2, weights, ids, start)
+        torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+
+
+def test_experts_decode_nothing_held_gives_zeros():
+    x, w13, w2, weights, ids = make_experts(1, 2, 16, 16, 3, global_experts=8)
+    ids = torch.tensor([[0, 1, 3]], dtype=torch.int32)
+    out = tmoe.experts_with_config(x, w13, w2, weights, ids, 6, DECODE)
+    assert torch.equal(out, torch.zeros_like(x))
+
+
+def test_experts_decode_idle_expert_weights_are_never_read():
+    x, w13, w2, _, _ = make_experts(1, 8, 16, 48, 3)
+    ids = torch.tensor([[6, 1, 3]], dtype=torch.int32)
+    weights = torch.rand(1, 3) + 0.1
+    want = moe_experts_reference(x, w13, w2, weights, ids)
+    idle = torch.tensor([0, 2, 4, 5, 7])
+    w13[idle], w2[idle] = float("nan"), float("nan")
+    out = tmoe.experts_with_config(x, w13, w2, weights, ids, 0, DECODE)
+    torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+
+
+def test_experts_decode_bf16_and_strided_x():
+    x, w13, w2, weights, ids = make_experts(1, 5, 32, 24, 3, dtype=torch.bfloat16)
+    wide = torch.randn(1, 48).bfloat16()
+    wide[:, :32] = x
+    out = tmoe.experts_with_config(wide[:, :32], w13, w2, weights, ids, 0, DECODE)
+    assert out.dtype == torch.bfloat16
+    want = moe_experts_reference(x.float(), w13.float(), w2.float(), weights, ids)
+    torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
+
+
+def test_experts_decode_config_refuses_several_tokens():
+    x, w13, w2, weights, ids = make_experts(2, 4, 16, 16, 2)
+    with pytest.raises(ValueError, match="one token"):
+        tmoe.experts_with_config(x, w13, w2, weights, ids, 0, DECODE)
+
+
+def test_registered_op_takes_the_decode_path_at_one_token(monkeypatch):
+    monkeypatch.setenv("TSCOMPILE_KERNELS", "moe_experts=triton")
+    seen = []
+    real = tmoe.experts_with_config
+
+    def spy(*args):
+        seen.append(args[-1].decode)
+        return real(*args)
+
+    monkeypatch.setattr(tmoe, "experts_with_config", spy)
+    for tokens in (1, 2):
+        x, w13, w2, weights, ids = make_experts(tokens, 5, 32, 24, 2)
+        out = moe_experts(x, w13, w2, weights, ids)
+        torch.testing.assert_close(out, moe_experts_reference(x, w13, w2, weights, ids),
+                                   atol=1e-4, rtol=1e-4)
+    assert seen == [True, False]
+
+
 @pytest.mark.parametrize("block_m, pairs, chunk", [(16, 111, 16), (32, 111, 128), (16, 3, 16)])
 def test_align_layout(block_m, pairs, chunk):
     """Each held expert's pairs, in pair order, from its segment's first block; segments in
@@ -188,10 +279,12 @@ def test_align_layout(block_m, pairs, chunk):
 
 def test_pick_config_reads_weights_once_at_decode(monkeypatch):
     monkeypatch.setattr(tmoe, "INTERPRET", False)
-    # Moonlight: 64 experts, top-6. block_m covers the expected pairs per expert.
-    for tokens, bm in ((1, 16), (64, 16), (256, 32)):
-        assert tmoe.pick_config(tokens * 6, 64, 2048, 1408).block_m == bm
-    assert tmoe.pick_config(8192 * 6, 64, 2048, 1408).block_m == 128
+    # Moonlight: 64 experts, top-6. One token: the decode path; from two on, aligned rows,
+    # block_m covering the expected pairs per expert.
+    assert tmoe.pick_config(1, 6, 64, 2048, 1408).decode
+    for tokens, bm in ((2, 16), (64, 16), (256, 32), (8192, 128)):
+        cfg = tmoe.pick_config(tokens, 6, 64, 2048, 1408)
+        assert not cfg.decode and cfg.block_m == bm
 
 
 # ---------------------------------------------------------------------------------------
@@ -204,9 +297,9 @@ def test_pick_config_reads_weights_once_at_decode(monkeypatch):
 def test_gpu_moonlight(monkeypatch, tokens, y_fp32):
     if not y_fp32:                                   # per-slot rows in bf16 (large prefills)
         monkeypatch.setattr(tmoe, "Y_FP32_MAX_BYTES", 0)
-    gen = torch.Generator().manual_seed(tokens)
-    x, w13, w2, weights, ids = (t.cuda() for t in make_experts(
-        tokens, 64, 2048, 1408, 6, dtype=torch.bfloat16, gen=gen))
+    gen = torch.Generator("cuda").manual_seed(tokens)
+    x, w13, w2, weights, ids = make_experts(tokens, 64, 2048, 1408, 6, dtype=torch.bfloat16,
+                                            gen=gen)
     out = tmoe.moe_experts_triton(x, w13, w2, weights, ids)
     want = moe_experts_reference(x.float(), w13.float(), w2.float(), weights, ids)
     torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
@@ -214,12 +307,28 @@ def test_gpu_moonlight(monkeypatch, tokens, y_fp32):
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("tokens", [1, 64])
-def test_gpu_kimi_ep8(tokens):
-    gen = torch.Generator().manual_seed(tokens)
-    x, w13, w2, weights, ids = (t.cuda() for t in make_experts(
-        tokens, 48, 7168, 2048, 8, dtype=torch.bfloat16, global_experts=384, gen=gen))
+def test_gpu_moonlight_one_token_aligned_path():
+    """The aligned path still serves one token correctly (pick_config sends T=1 to decode)."""
+    gen = torch.Generator("cuda").manual_seed(11)
+    x, w13, w2, weights, ids = make_experts(1, 64, 2048, 1408, 6, dtype=torch.bfloat16,
+                                            gen=gen)
+    cfg = tmoe.aligned_config(6, 64, 2048, 1408)
+    out = tmoe.experts_with_config(x, w13, w2, weights, ids, 0, cfg)
+    want = moe_experts_reference(x.float(), w13.float(), w2.float(), weights, ids)
+    torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens, all_held", [(1, False), (1, True), (64, False)])
+def test_gpu_kimi_ep8(tokens, all_held):
+    gen = torch.Generator("cuda").manual_seed(tokens)
+    x, w13, w2, weights, ids = make_experts(tokens, 48, 7168, 2048, 8, dtype=torch.bfloat16,
+                                            global_experts=384, gen=gen)
     ids[0, 0] = 48 * 3 + 5                                      # at least one held pair
+    if all_held:                                                # the slowest rank at T=1
+        ids[0] = torch.tensor([150, 144, 191, 170, 160, 149, 188, 146], dtype=torch.int32,
+                              device=ids.device)
     out = tmoe.moe_experts_triton(x, w13, w2, weights, ids, 48 * 3)
     want = moe_experts_reference(x.float(), w13.float(), w2.float(), weights, ids, 48 * 3)
     torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
