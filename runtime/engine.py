@@ -164,6 +164,10 @@ class Engine:
                                                   self.max_model_len)
         self.graphs = bind_rank(program, cfg, self.num_blocks, self.max_model_len, dtype,
                                 self.device)
+        kv_bytes = sum(c.numel() * c.element_size() for c in program.caches)
+        log.info("KV pool: %d blocks of %d tokens (%d tokens, %.1f GiB on this rank)",
+                 self.num_blocks, cfg.page_size, self.num_blocks * cfg.page_size,
+                 kv_bytes / 2**30)
         self.sched = Scheduler(
             num_blocks=self.num_blocks, page_size=cfg.page_size, max_num_seqs=cfg.max_num_seqs,
             max_num_batched_tokens=cfg.max_num_batched_tokens, max_model_len=self.max_model_len,
