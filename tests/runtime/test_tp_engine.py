@@ -1,0 +1,100 @@
+"""The engine over two tensor-parallel ranks, as tsrun runs it on GPUs but on the CPU: step
+inputs travel over a gloo side group (`set_control_group`), and both ranks run decode steps
+padded into CUDA-graph buckets (`DecodeGraphs(capture=False)`: the same static buffers and
+scratch-block padding, replayed eagerly). Greedy tokens equal each request run alone on the
+single-device reference, and both ranks took the same number of padded steps.
+
+The ranks are this file run as a script (one process each), as tests/kernels/test_collectives.py
+does: a spawned child cannot import a test module loaded by pytest's importlib mode.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from tscompile.annotations import Mesh
+from tscompile.build import build
+from tscompile.runtime import load_model
+from tscompile.runtime.cuda_graphs import DecodeGraphs, run_step
+from tscompile.runtime.distributed import free_port
+from tscompile.runtime.engine import Engine, EngineConfig, bind_rank, kv_blocks
+from tscompile.runtime.offline import PagedRunner, generate
+from tscompile.runtime.offline import SamplingParams as OfflineParams
+from tscompile.runtime.program import RankProgram
+from tscompile.runtime.protocol import AddRequest, SamplingParams
+from tscompile.runtime.step_io import broadcast_step, follow_steps, set_control_group
+
+SEED, MAX_LEN, PAGE = 3, 512, 4
+PROMPTS = [list(range(3, 3 + k)) + [40 + k] * (k % 3) for k in (5, 9, 13)]
+CFG = EngineConfig(page_size=PAGE, max_num_seqs=4, max_num_batched_tokens=16,
+                   kv_cache_tokens=256)
+
+
+def _rank_main(rank: int, port: int, prog: str, out: Path) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    set_control_group(dist.new_group(backend="gloo"))
+    program = RankProgram(prog, rank, dummy_seed=SEED)
+    blocks = kv_blocks(CFG, program, torch.float32, torch.device("cpu"), MAX_LEN)
+
+    def padded() -> DecodeGraphs:
+        return DecodeGraphs(program, max_batch=4, max_blocks=MAX_LEN // PAGE, page_size=PAGE,
+                            scratch_block=blocks, device="cpu", sizes=(2, 4), capture=False)
+    if rank == 0:
+        eng = Engine(program, CFG, vocab_size=256, max_position_embeddings=MAX_LEN,
+                     num_blocks=blocks)
+        eng.graphs = padded()
+        reqs = [AddRequest(f"r{i}", tuple(p), SamplingParams(max_tokens=5 + 2 * i,
+                                                             temperature=0.0))
+                for i, p in enumerate(PROMPTS)]
+        tokens: dict[str, list[int]] = {r.rid: [] for r in reqs}
+        for r in reqs:
+            assert eng.add(r) is None
+        while eng.has_work:
+            for o in eng.step():
+                tokens[o.rid] += o.token_ids
+        broadcast_step(None)
+        result = {"tokens": tokens, "replays": eng.graphs.replays}
+    else:
+        assert bind_rank(program, CFG, blocks, MAX_LEN, torch.float32,
+                         torch.device("cpu")) is None          # no graphs on the CPU
+        graphs = padded()
+        follow_steps(lambda step: run_step(program, graphs, step, torch.device("cpu")))
+        result = {"replays": graphs.replays}
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def test_two_ranks_padded_decode_over_a_side_group_equal_each_request_alone(tmp_path):
+    prog = build("llama", preset="tiny", mesh=Mesh.build(2)).save(tmp_path / "tp2.tsprog")
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    logs = [open(tmp_path / f"rank{r}.log", "w") for r in range(2)]
+    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(port), str(prog),
+                               str(tmp_path)], stdout=logs[r], stderr=subprocess.STDOUT, env=env)
+             for r in range(2)]
+    try:
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert codes == [0, 0], "\n".join((tmp_path / f"rank{r}.log").read_text() for r in range(2))
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert got[0]["replays"] == got[1]["replays"] > 0
+    model, _ = load_model("llama", preset="tiny", dummy_weights=True, seed=SEED)
+    for i, p in enumerate(PROMPTS):
+        runner = PagedRunner(model, page_size=PAGE, num_blocks=64)
+        assert got[0]["tokens"][f"r{i}"] == generate(runner, list(p),
+                                                     OfflineParams(max_tokens=5 + 2 * i))
+
+
+if __name__ == "__main__":
+    _rank_main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], Path(sys.argv[4]))
