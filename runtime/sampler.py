@@ -28,7 +28,8 @@ Semantics, in the order applied (vLLM V1's):
   token the filtered distribution drew (it may be a token outside the raw top-k).
 
 Cost: with no penalised request active, no [slots, V] state exists and a step is the kernel
-call plus two small gathers. Penalty state (output counts int32 [max_slots, V] and a
+call plus two small gathers; a step whose rows are all greedy is one argmax (the kernel's
+own temperature-0 rule, known from the host-side slot flags without a device sync). Penalty state (output counts int32 [max_slots, V] and a
 seen-in-prompt-or-output mask bool [max_slots, V]) is allocated when the first penalised
 request is admitted and dropped when the last one is released. Logprob work (a log_softmax
 over the step's rows and a top-k) runs only while some active request asked for logprobs.
@@ -120,6 +121,7 @@ class BatchSampler:
         # Host-side bookkeeping (admission/validation only).
         self._params: list[SamplingParams | None] = [None] * max_slots
         self._active_cpu = torch.zeros(max_slots, dtype=torch.bool)
+        self._greedy_cpu = torch.zeros(max_slots, dtype=torch.bool)   # temperature == 0
         self._penalised: set[int] = set()
         self._top_counts: Counter[int] = Counter()   # top_logprobs of active logprob slots
         self._counts: torch.Tensor | None = None     # [max_slots, V] int32 output counts
@@ -195,6 +197,7 @@ class BatchSampler:
             self._top_counts[params.top_logprobs] += 1
         self._params[slot] = params
         self._active_cpu[slot] = True
+        self._greedy_cpu[slot] = params.temperature == 0
         return seed
 
     def release(self, slot: int) -> None:
@@ -215,6 +218,7 @@ class BatchSampler:
             self._counts = self._seen = None
         self._params[slot] = None
         self._active_cpu[slot] = False
+        self._greedy_cpu[slot] = False
 
     # ------------------------------------------------------------------ the step
 
@@ -278,14 +282,21 @@ class BatchSampler:
         dev = logits.device
         if dev != self.device:
             raise ValueError(f"logits are on {dev}, the sampler's state on {self.device}")
+        # Every row greedy (known on the host when the engine passes CPU slots): the draw is
+        # the argmax of the penalised logits, the op's own temperature-0 rule, without the
+        # filters, softmax and noise it computes for the whole [S, V] otherwise.
+        greedy = slots.device.type == "cpu" and bool(self._greedy_cpu[slots.long()].all())
         slots = slots.to(dev, torch.int64, non_blocking=True)
         offsets = step_index.to(dev, torch.int64, non_blocking=True)
 
         x = self.apply_penalties(logits, slots)
-        f = self._f[slots]
-        i = self._i[slots]
-        token_ids = sample_op(x, f[:, _TEMP], i[:, _TOP_K], f[:, _TOP_P], f[:, _MIN_P],
-                              i[:, _SEED], offsets)
+        if greedy:
+            token_ids = x.argmax(dim=-1)
+        else:
+            f = self._f[slots]
+            i = self._i[slots]
+            token_ids = sample_op(x, f[:, _TEMP], i[:, _TOP_K], f[:, _TOP_P], f[:, _MIN_P],
+                                  i[:, _SEED], offsets)
         self.record(slots, token_ids)
         if not self._top_counts:
             return SampleResult(token_ids)

@@ -52,6 +52,32 @@ def test_greedy_is_argmax_and_input_untouched():
     assert not s.penalty_state_allocated
 
 
+def test_all_greedy_steps_skip_the_sample_op_and_match_it(monkeypatch):
+    """A step whose rows are all temperature 0 takes the argmax of the penalised logits
+    without calling the sample op; one random row sends the whole step through the op,
+    whose greedy rows agree with that argmax."""
+    import tscompile.runtime.sampler as sampler_mod
+
+    greedy = SamplingParams(temperature=0.0, repetition_penalty=1.3)
+    samplers = [BatchSampler(8, V), BatchSampler(8, V)]
+    for s in samplers:
+        for slot in range(3):
+            s.admit(slot, greedy, [1, 2, 3, 4 + slot])
+    samplers[1].admit(5, SamplingParams(temperature=0.8, seed=7), [9])
+    logits = torch.randn(3, V)
+    calls = []
+    real = sampler_mod.sample_op
+    monkeypatch.setattr(sampler_mod, "sample_op", lambda *a: calls.append(1) or real(*a))
+    fast = _step(samplers[0], logits, [2, 0, 1], [0, 1, 2]).token_ids
+    assert not calls
+    mixed = _step(samplers[1], torch.cat([logits, torch.randn(1, V)]), [2, 0, 1, 5],
+                  [0, 1, 2, 0])
+    assert calls and torch.equal(mixed.token_ids[:3], fast)
+    want = torch.stack([_ref_penalise(logits[i], greedy, [1, 2, 3, 4 + slot], [])
+                        for i, slot in enumerate([2, 0, 1])]).argmax(-1)
+    assert torch.equal(fast, want)
+
+
 def test_penalties_match_reference_and_counts_update():
     s = BatchSampler(6, V)
     cases = {  # slot -> (params, prompt)
