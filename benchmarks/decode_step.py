@@ -12,8 +12,11 @@ each request's K/V) over the copy bandwidth measured in the same run.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import platform
+import pstats
 import statistics
 import subprocess
 import tempfile
@@ -30,7 +33,10 @@ from tscompile.runtime.protocol import AddRequest, SamplingParams
 
 
 def step_times(program: RankProgram, cfg: EngineConfig, batch: int, context: int,
-               steps: int, vocab: int, max_len: int) -> list[float]:
+               steps: int, vocab: int, max_len: int, profile: str | None = None
+               ) -> list[float]:
+    """Per-step seconds of `steps` pure-decode steps; with `profile`, also a cProfile of
+    20 more steps (host time by function) printed and written to that path."""
     eng = Engine(program, cfg, vocab_size=vocab, max_position_embeddings=max_len,
                  dtype=program.dtype, device="cuda")
     params = SamplingParams(max_tokens=max_len - context - 1, temperature=0.0, ignore_eos=True)
@@ -50,6 +56,19 @@ def step_times(program: RankProgram, cfg: EngineConfig, batch: int, context: int
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         assert len(outs) == batch, "a step that is not a pure decode of the whole batch"
+    if profile:
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(20):
+            eng.step()
+        torch.cuda.synchronize()
+        prof.disable()
+        out = io.StringIO()
+        stats = pstats.Stats(prof, stream=out)
+        stats.sort_stats("tottime").print_stats(30)
+        stats.sort_stats("cumulative").print_stats(40)
+        Path(profile).write_text(out.getvalue())
+        print(out.getvalue()[:6000])
     del eng
     return times
 
@@ -62,6 +81,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--out")
+    ap.add_argument("--profile", help="cProfile 20 steps of each configuration into "
+                                      "PREFIX_b<batch>_<graphs|eager>.txt")
     a = ap.parse_args()
     from benchmarks.kernels.harness import roofs
 
@@ -84,7 +105,10 @@ def main() -> None:
             cfg = EngineConfig(max_num_seqs=max(batches), max_num_batched_tokens=8192,
                                kv_cache_tokens=max(batches) * (max_len + 16), page_size=16,
                                max_model_len=max_len, enforce_eager=eager)
-            times = step_times(program, cfg, b, a.context, a.steps, c.vocab_size, max_len)
+            prof = (f"{a.profile}_b{b}_{'eager' if eager else 'graphs'}.txt"
+                    if a.profile else None)
+            times = step_times(program, cfg, b, a.context, a.steps, c.vocab_size, max_len,
+                               prof)
             med = statistics.median(times)
             need = weight_bytes + b * (a.context + a.steps // 2) * kv
             rows.append({"batch": b, "context": a.context, "cuda_graphs": not eager,

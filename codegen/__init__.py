@@ -1,7 +1,8 @@
 """Code generation: the final per-rank fx graph -> one readable SPMD `program.py`.
 
-What it is: a line per node (kernel ops as `torch.ops.tscompile.*` calls, collectives
-included), parameters read by name from one dict, a comment with the value's placement and
+What it is: a line per node (kernel ops as `ops.<name>(...)` calls, collectives included;
+`ops` is `torch.ops.tscompile` unless the runtime passes the direct functions), each
+intermediate deleted after its last use, parameters read by name from one dict, a comment with the value's placement and
 per-rank shape, a banner per layer; the file skeleton is a jinja2 template
 (`templates/program.py.j2`). What it is not: an optimiser; CUDA-graph capture of the whole
 forward happens in the runtime, on this same code.
@@ -33,6 +34,8 @@ def _target(fn: Any) -> str:
     """A dotted name that resolves back to `fn` in the generated module."""
     if isinstance(fn, torch._ops.OpOverload):
         ns, _, name = fn._schema.name.partition("::")
+        if ns == "tscompile":            # through the program's `ops` (see the template)
+            return f"ops.{name}"
         return f"torch.ops.{ns}.{name}.{fn._overloadname}"
     mod = getattr(fn, "__module__", None) or "builtins"
     mod = {"_operator": "operator"}.get(mod, mod)

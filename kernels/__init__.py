@@ -20,14 +20,15 @@ from tscompile.kernels.mla import mla_attention, mla_decode, mla_prefill
 from tscompile.kernels.moe import moe_experts, moe_route
 from tscompile.kernels.norm import fused_add_rms_norm, rms_norm
 from tscompile.kernels.paged import AttentionMetadata, build_metadata
-from tscompile.kernels.registry import REGISTRY, Query
+from tscompile.kernels.registry import REGISTRY, Query, direct_ops
 from tscompile.kernels.rope import rope, rope_cos_sin_cache
 from tscompile.kernels.sample import sample
 from tscompile.kernels import triton as _triton_backends  # noqa: E402,F401  (registers "triton")
 
 __all__ = [
     "AttentionMetadata", "REGISTRY", "Query", "all_gather", "all_reduce",
-    "all_reduce_add_rms_norm", "all_to_all", "build_metadata", "fused_add_rms_norm",
+    "all_reduce_add_rms_norm", "all_to_all", "build_metadata", "direct_ops",
+    "fused_add_rms_norm",
     "gqa_attention", "gqa_decode", "gqa_prefill", "mla_attention", "mla_decode", "mla_prefill",
     "moe_experts", "moe_route", "rms_norm",
     "rope", "rope_cos_sin_cache", "sample", "silu_and_mul",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .registry import dispatch, register
+from .registry import dispatch, kernel_op, register
 
 
 @register("silu_and_mul", "reference")
@@ -17,7 +17,7 @@ def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-@torch.library.custom_op("tscompile::silu_and_mul", mutates_args=())
+@kernel_op("silu_and_mul")
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if x.shape[-1] % 2:
         raise ValueError(f"silu_and_mul needs an even last dim ([gate | up]), got {x.shape[-1]}")

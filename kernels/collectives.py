@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 
 from .norm import fused_add_rms_norm_reference
-from .registry import dispatch, register
+from .registry import dispatch, kernel_op, register
 
 # torch >= 2.13 names the tensor (not list) forms `*_single`; older releases only have
 # the `*_tensor` names (deprecated from 2.13 on).
@@ -144,7 +144,7 @@ def all_reduce_add_rms_norm_reference(
 # ---------------------------------------------------------------------------------------
 # Public ops
 
-@torch.library.custom_op("tscompile::all_reduce", mutates_args=())
+@kernel_op("all_reduce")
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
     """P → R: x [...] summed over ranks -> [...]"""
     return dispatch("all_reduce", x, world_size=_world_size()).contiguous()
@@ -155,7 +155,7 @@ def _(x):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("tscompile::all_gather", mutates_args=())
+@kernel_op("all_gather")
 def all_gather(x: torch.Tensor, dim: int) -> torch.Tensor:
     """S(dim) → R: x [.., n, ..] -> [.., n*W, ..], rank parts in rank order."""
     d = _dim("all_gather", x, dim)
@@ -170,7 +170,7 @@ def _(x, dim):
     return x.new_empty(shape)
 
 
-@torch.library.custom_op("tscompile::reduce_scatter", mutates_args=())
+@kernel_op("reduce_scatter")
 def reduce_scatter(x: torch.Tensor, dim: int) -> torch.Tensor:
     """P → S(dim): x [.., n, ..] summed over ranks, rank r keeps part r -> [.., n/W, ..]"""
     world = _world_size()
@@ -187,7 +187,7 @@ def _(x, dim):
     return x.new_empty(shape)
 
 
-@torch.library.custom_op("tscompile::all_to_all", mutates_args=())
+@kernel_op("all_to_all")
 def all_to_all(x: torch.Tensor, split_dim: int, concat_dim: int) -> torch.Tensor:
     """S(concat_dim) → S(split_dim): split_dim n → n/W, concat_dim m → m*W."""
     world = _world_size()
@@ -214,7 +214,7 @@ def _check_add_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tenso
                          f"(expected residual {list(x.shape)} and weight [{x.shape[-1]}])")
 
 
-@torch.library.custom_op("tscompile::all_reduce_add_rms_norm", mutates_args=())
+@kernel_op("all_reduce_add_rms_norm")
 def all_reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x [.., H] partial (P), residual [.., H] replicated (R), weight [H] ->

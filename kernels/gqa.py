@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .paged import gather_pages, write_slots
-from .registry import dispatch, register
+from .registry import dispatch, kernel_op, register
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -73,7 +73,7 @@ def _check_cache(q: torch.Tensor, kv_cache: torch.Tensor) -> None:
                          f"of dim {dc} (query heads must be a multiple of KV heads)")
 
 
-@torch.library.custom_op("tscompile::gqa_decode", mutates_args=())
+@kernel_op("gqa_decode")
 def gqa_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
     _check_cache(q, kv_cache)
@@ -86,7 +86,7 @@ def _(q, kv_cache, block_tables, seq_lens, scale):
     return torch.empty_like(q)
 
 
-@torch.library.custom_op("tscompile::gqa_prefill", mutates_args=())
+@kernel_op("gqa_prefill")
 def gqa_prefill(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                 query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                 scale: float) -> torch.Tensor:
@@ -100,7 +100,7 @@ def _(q, kv_cache, block_tables, query_start_loc, seq_lens, scale):
     return torch.empty_like(q)
 
 
-@torch.library.custom_op("tscompile::gqa_attention", mutates_args=("kv_cache",))
+@kernel_op("gqa_attention", mutates_args=("kv_cache",))
 def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                   slot_mapping: torch.Tensor, block_tables: torch.Tensor,
                   query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_decodes: int,

@@ -45,7 +45,7 @@ from __future__ import annotations
 import torch
 
 from .paged import gather_pages, write_slots
-from .registry import dispatch, register
+from .registry import dispatch, kernel_op, register
 
 
 def _attend_latent(q: torch.Tensor, latent: torch.Tensor, visible: torch.Tensor, scale: float,
@@ -128,7 +128,7 @@ def _check_weights(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Ten
                          f"qk_rope_head_dim={q_pe.shape[-1]}")
 
 
-@torch.library.custom_op("tscompile::mla_decode", mutates_args=())
+@kernel_op("mla_decode")
 def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                seq_lens: torch.Tensor, scale: float, kv_lora_rank: int) -> torch.Tensor:
     r = _check_cache(kv_cache)
@@ -146,7 +146,7 @@ def _(q, kv_cache, block_tables, seq_lens, scale, kv_lora_rank):
     return q.new_empty(q.shape[0], q.shape[1], kv_lora_rank)
 
 
-@torch.library.custom_op("tscompile::mla_prefill", mutates_args=())
+@kernel_op("mla_prefill")
 def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
                 w_kc: torch.Tensor, w_vc: torch.Tensor, block_tables: torch.Tensor,
                 query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
@@ -161,7 +161,7 @@ def _(q_nope, q_pe, kv_cache, w_kc, w_vc, block_tables, query_start_loc, seq_len
     return q_nope.new_empty(q_nope.shape[0], q_nope.shape[1], w_vc.shape[-1])
 
 
-@torch.library.custom_op("tscompile::mla_attention", mutates_args=("kv_cache",))
+@kernel_op("mla_attention", mutates_args=("kv_cache",))
 def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_c: torch.Tensor,
                   k_pe: torch.Tensor, kv_cache: torch.Tensor, w_kc: torch.Tensor,
                   w_vc: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .registry import dispatch, register
+from .registry import dispatch, kernel_op, register
 
 
 @register("moe_route", "reference")
@@ -73,7 +73,7 @@ def moe_experts_reference(x, w13, w2, topk_weights, topk_ids, expert_start=0):
     return out.to(x.dtype)
 
 
-@torch.library.custom_op("tscompile::moe_route", mutates_args=())
+@kernel_op("moe_route")
 def moe_route(router_logits: torch.Tensor, correction_bias: torch.Tensor | None, top_k: int,
               scoring: str, renormalize: bool, num_groups: int, topk_groups: int,
               routed_scaling_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,7 +100,7 @@ def _(router_logits, correction_bias, top_k, scoring, renormalize, num_groups, t
             router_logits.new_empty(t, top_k, dtype=torch.int32))
 
 
-@torch.library.custom_op("tscompile::moe_experts", mutates_args=())
+@kernel_op("moe_experts")
 def moe_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                 topk_ids: torch.Tensor, expert_start: int = 0) -> torch.Tensor:
     e, two_i, h = w13.shape

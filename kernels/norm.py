@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .registry import dispatch, register
+from .registry import dispatch, kernel_op, register
 
 
 @register("rms_norm", "reference")
@@ -28,7 +28,7 @@ def fused_add_rms_norm_reference(
     return rms_norm_reference(summed, weight, eps), summed
 
 
-@torch.library.custom_op("tscompile::rms_norm", mutates_args=())
+@kernel_op("rms_norm")
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [..., H], weight [H] -> [..., H]"""
     if x.shape[-1] != weight.shape[0]:
@@ -41,7 +41,7 @@ def _(x, weight, eps):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("tscompile::fused_add_rms_norm", mutates_args=())
+@kernel_op("fused_add_rms_norm")
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + residual) normalised, and x + residual (the new residual stream)."""

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .registry import dispatch, register
+from .registry import dispatch, kernel_op, register
 
 
 def _yarn_inv_freq(rot_dim: int, base: float, s: dict[str, Any]) -> tuple[torch.Tensor, float]:
@@ -106,7 +106,7 @@ def rope_reference(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torc
     return torch.cat([out.to(x.dtype), rest], dim=-1)
 
 
-@torch.library.custom_op("tscompile::rope", mutates_args=())
+@kernel_op("rope")
 def rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
          interleaved: bool) -> torch.Tensor:
     if x.dim() != 3 or positions.shape[0] != x.shape[0]:

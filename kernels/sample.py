@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .registry import dispatch, register
+from .registry import dispatch, kernel_op, register
 
 _M32 = 0xFFFFFFFF
 
@@ -72,7 +72,7 @@ def sample_reference(logits, temperature, top_k, top_p, min_p, seeds, offsets):
     return torch.where(temperature > 0, drawn, greedy)
 
 
-@torch.library.custom_op("tscompile::sample", mutates_args=())
+@kernel_op("sample")
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
            top_p: torch.Tensor, min_p: torch.Tensor, seeds: torch.Tensor,
            offsets: torch.Tensor) -> torch.Tensor:

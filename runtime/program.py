@@ -4,7 +4,7 @@ slices, derived buffers and KV caches, and call it with the forward contract.
 What it is: `RankProgram`, a callable with the same interface the offline runner and the
 server use for a single-device model (`__call__(input_ids, positions, meta) -> logits`,
 `bind_kv_caches(num_blocks, page_size, dtype, device)`). What it is not: process launch or
-collectives (runtime/distributed.py; the program calls torch.ops.tscompile collectives on
+collectives (runtime/distributed.py; the program calls the tscompile collectives on
 the default process group, so one rank of a world-1 program needs no process group).
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from tscompile.kernels import direct_ops
 from tscompile.plan import ParamPlan
 from tscompile.runtime.shards import load_rank_tensors
 from tscompile.tsprog import Tsprog, read_tsprog
@@ -114,7 +115,7 @@ class RankProgram:
             cache = torch.zeros(shape, dtype=dtype, device=device)
             self.tensors[name] = cache
             self.caches.append(cache)
-        self._program = self._program_cls(self.rank, self.tensors)
+        self._program = self._program_cls(self.rank, self.tensors, ops=direct_ops())
         return self.caches
 
     def unbind_kv_caches(self) -> None:

@@ -47,8 +47,10 @@ from dataclasses import dataclass
 
 import torch
 
-from tscompile.kernels import sample as sample_op
+from tscompile.kernels import direct_ops
 from tscompile.runtime.protocol import SamplingParams, TokenLogprob
+
+_SAMPLE = direct_ops().sample    # the op's body: no custom-op wrapper cost per step
 
 # Columns of the per-slot parameter tables (one gather per table per step).
 _TEMP, _TOP_P, _MIN_P, _PRES, _FREQ, _REP = range(6)
@@ -295,7 +297,7 @@ class BatchSampler:
         else:
             f = self._f[slots]
             i = self._i[slots]
-            token_ids = sample_op(x, f[:, _TEMP], i[:, _TOP_K], f[:, _TOP_P], f[:, _MIN_P],
+            token_ids = _SAMPLE(x, f[:, _TEMP], i[:, _TOP_K], f[:, _TOP_P], f[:, _MIN_P],
                                   i[:, _SEED], offsets)
         self.record(slots, token_ids)
         if not self._top_counts:

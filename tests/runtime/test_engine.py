@@ -205,3 +205,29 @@ def test_kv_pool_sized_from_free_memory_after_a_profiled_step(prog, alone):
     assert all(c.shape[1] == eng.num_blocks + 1 for c in eng.program.caches)
     out = run_all(eng, [AddRequest("p", tuple(PROMPTS[2]), greedy(6))])["p"]
     assert [t for o in out for t in o.token_ids] == alone(PROMPTS[2], 6)
+
+
+def test_direct_ops_and_custom_ops_give_the_same_program_results(prog):
+    """The runtime runs the generated program on the kernels' plain bodies
+    (`direct_ops()`); through the `torch.ops.tscompile` custom ops (tracing, export) the
+    same steps give bit-identical logits and caches."""
+    import torch
+
+    from tscompile.kernels import build_metadata
+
+    runs = []
+    for custom in (False, True):
+        p = RankProgram(prog, 0, dummy_seed=SEED)
+        p.bind_kv_caches(16, 4, dtype=torch.float32, device="cpu")
+        if custom:
+            p._program = p._program_cls(0, p.tensors)           # ops=torch.ops.tscompile
+            assert p._program.ops is torch.ops.tscompile
+        prompt = PROMPTS[3]
+        meta = build_metadata([len(prompt)], [len(prompt)], [[0, 1, 2, 3, 4, 5]], 4)
+        first = p(torch.tensor(prompt), torch.arange(len(prompt)), meta)
+        meta = build_metadata([1], [len(prompt) + 1], [[0, 1, 2, 3, 4, 5]], 4)
+        second = p(first.argmax(-1), torch.tensor([len(prompt)]), meta)
+        runs.append((first, second, [c.clone() for c in p.caches]))
+    (a1, a2, ca), (b1, b2, cb) = runs
+    assert torch.equal(a1, b1) and torch.equal(a2, b2)
+    assert all(torch.equal(x, y) for x, y in zip(ca, cb))

@@ -66,8 +66,8 @@ def test_all_greedy_steps_skip_the_sample_op_and_match_it(monkeypatch):
     samplers[1].admit(5, SamplingParams(temperature=0.8, seed=7), [9])
     logits = torch.randn(3, V)
     calls = []
-    real = sampler_mod.sample_op
-    monkeypatch.setattr(sampler_mod, "sample_op", lambda *a: calls.append(1) or real(*a))
+    real = sampler_mod._SAMPLE
+    monkeypatch.setattr(sampler_mod, "_SAMPLE", lambda *a: calls.append(1) or real(*a))
     fast = _step(samplers[0], logits, [2, 0, 1], [0, 1, 2]).token_ids
     assert not calls
     mixed = _step(samplers[1], torch.cat([logits, torch.randn(1, V)]), [2, 0, 1, 5],
