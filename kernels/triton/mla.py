@@ -37,17 +37,25 @@ SM count), so the launch is CUDA-graph safe: B*G*S fills one wave of resident pr
 (rounded down: a few programs spilling into a second wave cost up to 1.4x), >= 256 tokens
 per split of the longest possible context, at most 64 splits. When the page size is a
 multiple of BLOCK_N a tile lies in one page: one block-table load per tile, not per row
-(this also took the M = 16 kernel from 255 registers with spills to 135).
+(this also took the M = 16 kernel from 255 registers with spills to 135), issued one tile
+ahead and carried into the next iteration, so no tile address waits on a load of its own
+iteration (Triton's pipeliner treats such an indirect load as a stage of its own).
 Measured on H100 (2026-11-27, bf16, page 64; `benchmarks/kernels/mla.py`):
   M = 16 (one token, 16 heads; mma.sync, 2 programs per SM): 32x32K, 64x16K, 8x128K all
   ~420-430 us for 1.21 GB = 2.8-2.9 TB/s, ~96% of a Triton copy's 2.97 TB/s: memory bound.
   M = 64 (q_len 4 x 16 heads; wgmma, [64, 512] fp32 acc over 2 warpgroups, 1 program per
-  SM): ~210 TFLOP/s, 1.4-1.5x the time of q_len 1 (not 1x). The TTGIR shows why: with room
-  for 2 stages only (q 74 KB + 2 x 74 KB tiles), the next tile's cp.async is issued after the
-  PV dot, so its latency is exposed, and the QK dot ([64, BN], N too small for a [4, 2] warp
-  split) runs redundantly on both warpgroups. 128 heads (2 groups of 64): 1.19 ms at
-  32x32K, 245 TFLOP/s (the memory floor is ~0.41 ms). Closing that gap needs FlashMLA-style
-  control (QK on one warpgroup, PV split by columns, TMA + mbarrier pipelining): CUDA.
+  SM): 214 / 401 / 770 us at batch 4 / 8 / 16 x 80K, 214-237 TFLOP/s, 1.39-1.46x the time of
+  q_len 1 (not 1x). Bound by the dots and the softmax between them, not by the cache
+  stream: the QK dot's result feeds the PV dot, so Triton lays it out [8, 1] over the warps
+  (its chained-dot rule), which for 64 rows means both warpgroups compute the same [64, BN]
+  scores (tensor work 2 * 576 + 512 per key and row instead of 1088), and nothing overlaps
+  the softmax with tensor work (one program per SM, no ping-pong). Deeper pipelining does
+  not help: with the block-table load carried (above) BLOCK_N 32 x 4 stages keeps 3 tiles in
+  flight, and it measured 6-10% slower than 64 x 2 (its QK wgmma is N = 32). Carrying the
+  page id took 64 x 2 from 222 / 419 / 801 us to 214 / 401 / 770. 128 heads (2 groups of
+  64): 1.19 ms at 32x32K, 245 TFLOP/s (the memory floor is ~0.41 ms). Closing the gap needs
+  FlashMLA-style control (QK on one warpgroup, PV split by columns, a producer warp with TMA
+  + mbarriers, two consumer warpgroups ping-ponging): CUDA, or Gluon (no interpreter).
 
 Prefill, expanded (DeepSeek-V2's "naive" form): two kernels.
  1. `_expand_kernel`: gather the chunk's whole context (cached prefix + chunk) from the pages
@@ -148,11 +156,19 @@ def _decode_split_kernel(
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_L], tl.float32)
     bt_row = bt_ptr + b.to(tl.int64) * stride_btb
+    if PAGE_SIZE % BLOCK_N == 0:
+        # The page of the first tile; each iteration then loads the NEXT tile's page id
+        # (carried across iterations), so a tile's address never waits on a block-table
+        # load of its own iteration: with an in-iteration (indirect) load Triton's pipeliner
+        # kept 2 tile buffers whatever num_stages said; carried, it keeps num_stages of them.
+        blk_next = tl.load(bt_row + start // PAGE_SIZE, mask=start < end, other=0)
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + offs_n                                             # [BN] key positions
         n_mask = pos < end
         if PAGE_SIZE % BLOCK_N == 0:   # n0 is a multiple of BLOCK_N: the tile is in one page
-            blk = tl.load(bt_row + n0 // PAGE_SIZE)
+            blk = blk_next
+            blk_next = tl.load(bt_row + (n0 + BLOCK_N) // PAGE_SIZE, mask=n0 + BLOCK_N < end,
+                               other=0)
         else:
             blk = tl.load(bt_row + pos // PAGE_SIZE, mask=n_mask, other=0)
         row = blk.to(tl.int64) * stride_cblk + (pos % PAGE_SIZE) * stride_cslot
@@ -245,7 +261,11 @@ def decode_config(rows: int, dtype: torch.dtype) -> tuple[int, int, int, int, in
         return 16, 64, 4, 2, 2   # mma.sync; 135 regs x 128 threads, 92 KB smem: 2 per SM
     if rows <= 32:
         return 32, 64, 8, 2, 1
-    return 64, 64, 8, 2, 1       # wgmma; [64, 512] fp32 acc over 2 warpgroups; 216 KB smem
+    # wgmma; [64, 512] fp32 acc over 2 warpgroups (255 regs); q 72 KB + 2 x 72 KB tiles
+    # (216 KB smem). Deeper pipelines of smaller tiles measured slower on H100 (q_len 4 x 16
+    # heads, batch 4-16 x 80K: BLOCK_N 32 x 4 stages +6-10%, 32 x 3 +10-11%, 16 x 6 +69-80%):
+    # the loop is bound by its dots and softmax, not by load latency.
+    return 64, 64, 8, 2, 1
 
 
 def _contig_last(t: torch.Tensor) -> torch.Tensor:

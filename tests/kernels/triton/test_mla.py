@@ -74,6 +74,20 @@ def test_decode_matches_reference(splits, page):
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_decode_two_tiles_per_page():
+    # PAGE_SIZE a multiple of BLOCK_N (> 1 tile per page): the carried next-page id is the
+    # same page twice, then the next one; splits ending inside a page and empty splits.
+    lengths = [4, 40, 75, 16]
+    cache, bt = _paged(lengths, page=32, seed=5)
+    q = _randn(len(lengths), 4, H, R)
+    seq_lens = _lens(lengths)
+    ref = _folded_reference(q, cache, bt, seq_lens, SCALE, L)
+    for splits in (1, 3, 6):
+        out = tmla.mla_decode_folded(q, cache, bt, seq_lens, SCALE, L, splits=splits,
+                                     block_n=16)
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
 def test_decode_through_the_public_op(monkeypatch):
     _force(monkeypatch, "mla_decode")
     lengths = [9, 40]
@@ -105,10 +119,11 @@ def _folded_reference(q, cache, bt, seq_lens, scale, rank):
                                              scale, rank) for i in range(q_len)], dim=1)
 
 
+@pytest.mark.parametrize("page", [4, 16], ids=["tile-spans-pages", "tile-in-one-page"])
 @pytest.mark.parametrize("q_len,heads,splits", [(2, 5, None), (3, 6, 5), (4, 4, 1)])
-def test_decode_folded_query_tokens_are_causal(q_len, heads, splits):
+def test_decode_folded_query_tokens_are_causal(q_len, heads, splits, page):
     lengths = [q_len, q_len + 5, 30]              # the first: token 0 sees one key
-    cache, bt = _paged(lengths, seed=4)
+    cache, bt = _paged(lengths, page=page, seed=4)
     q = _randn(len(lengths), q_len, heads, R)
     seq_lens = _lens(lengths)
     out = tmla.mla_decode_folded(q, cache, bt, seq_lens, SCALE, L, splits=splits)
@@ -228,6 +243,28 @@ def test_gpu_decode_folded_bf16(q_len, heads):
     out = tmla.mla_decode_folded(q, cache, bt, seq_lens, 576 ** -0.5, 512)
     ref = _folded_reference(q.float(), cache.float(), bt, seq_lens, 576 ** -0.5, 512)
     assert _rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("launch", [
+    {}, dict(block_h=64, block_n=32, num_warps=8, num_stages=4),
+    dict(block_h=64, block_n=32, num_warps=8, num_stages=3),
+    dict(block_h=64, block_n=16, num_warps=8, num_stages=6),
+], ids=["default", "bn32-s4", "bn32-s3", "bn16-s6"])
+def test_gpu_decode_folded_launches(launch):
+    # The q_len 4 x 16 heads configurations of the benchmark sweep: contexts shorter than
+    # the pipeline's depth, page tails, splits that end mid-page or are empty.
+    lengths = [4, 37, 129, 3000, 64]
+    cache, bt = _paged(lengths, rank=512, rope=64, page=64, dtype=torch.bfloat16,
+                       device="cuda", seed=14)
+    q = torch.randn(len(lengths), 4, 16, 576, device="cuda", dtype=torch.bfloat16)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    ref = _folded_reference(q.float(), cache.float(), bt, seq_lens, 576 ** -0.5, 512)
+    for splits in (None, 1, 7):
+        out = tmla.mla_decode_folded(q, cache, bt, seq_lens, 576 ** -0.5, 512, splits=splits,
+                                     **launch)
+        assert _rel_err(out, ref) < 1e-2, splits
 
 
 @pytest.mark.gpu
