@@ -30,6 +30,6 @@ __all__ = [
     "all_reduce_add_rms_norm", "all_to_all", "build_metadata", "direct_ops",
     "fused_add_rms_norm",
     "gqa_attention", "gqa_decode", "gqa_prefill", "mla_attention", "mla_decode", "mla_prefill",
-    "moe_experts", "moe_route", "rms_norm",
+    "moe_experts", "moe_route", "reduce_scatter", "rms_norm",
     "rope", "rope_cos_sin_cache", "sample", "silu_and_mul",
 ]

@@ -3,15 +3,16 @@ broadcast to the other tensor-parallel ranks, so every rank runs the compiled pr
 the same tokens and metadata (one scheduler per replica; ranks never plan on their own).
 
 What it is: `StepInputs` (the forward contract's inputs as tensors), `from_plan()`, and a
-two-message broadcast (a fixed header, then one int64 payload) over the default process
-group. What it is not: the scheduler, the sampler, or CUDA-graph buffers (runtime/cuda_graphs.py
-copies these into its static buffers). The broadcast is host memory over gloo: on GPUs the
-default group is NCCL (device tensors only), so serving sets a gloo control group.
+two-message broadcast (a fixed header, then one int64 payload) over the control group: host
+memory over gloo, the default group on the CPU; on GPUs the default group is NCCL (device
+tensors only), so serving names a gloo side group with `set_control_group`. What it is not:
+the scheduler, the sampler, or CUDA-graph buffers (runtime/cuda_graphs.py copies these into
+its static buffers).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
