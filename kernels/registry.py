@@ -94,6 +94,10 @@ class Impl:
 class Registry:
     _impls: dict[str, list[Impl]] = field(default_factory=dict)
     _chosen: dict[tuple[str, str, str], str] = field(default_factory=dict)
+    # select() results by (op, query, TSCOMPILE_KERNELS as set): a selection is a pure
+    # function of those (requirements read only the query), and the eager runtime asks the
+    # same questions every step (~50 us each uncached on an H100 host). Errors are not kept.
+    _cache: dict[tuple[str, Query, str], Impl] = field(default_factory=dict)
 
     def register(self, op: str, backend: str, *, priority: int = 0,
                  requires: Requirements | None = None) -> Callable[[Callable], Callable]:
@@ -105,6 +109,7 @@ class Registry:
                 raise ValueError(f"kernel {op!r} already has a {backend!r} implementation")
             impls.append(Impl(op, backend, fn, priority, requires or Requirements()))
             impls.sort(key=lambda i: -i.priority)
+            self._cache.clear()
             return fn
 
         return deco
@@ -122,6 +127,13 @@ class Registry:
         return overrides.get(op, overrides.get("*"))
 
     def select(self, op: str, q: Query) -> Impl:
+        key = (op, q, envs.TSCOMPILE_KERNELS.raw())
+        impl = self._cache.get(key)
+        if impl is None:
+            impl = self._cache[key] = self._select(op, q)
+        return self._record(op, q, impl)
+
+    def _select(self, op: str, q: Query) -> Impl:
         impls = self.impls(op)
         forced = self._forced(op)
         if forced is not None:
@@ -133,10 +145,10 @@ class Registry:
             if (why := match[0].requires.refuse(q)) is not None:
                 raise RuntimeError(f"TSCOMPILE_KERNELS forces {op}={forced}, which cannot run "
                                    f"here: {why}")
-            return self._record(op, q, match[0])
+            return match[0]
         for impl in impls:
             if impl.requires.refuse(q) is None:
-                return self._record(op, q, impl)
+                return impl
         raise RuntimeError(f"no implementation of {op} runs on {q}:\n{self.explain(op, q)}")
 
     def explain(self, op: str, q: Query) -> str:

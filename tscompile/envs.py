@@ -19,6 +19,10 @@ class EnvVar(Generic[T]):
     parse: Callable[[str], T]
     help: str
 
+    def raw(self) -> str:
+        """The unparsed value ("" when unset): a cheap cache key for callers of get()."""
+        return os.environ.get(self.name, "")
+
     def get(self) -> T:
         raw = os.environ.get(self.name)
         if raw is None or raw == "":

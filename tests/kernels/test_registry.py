@@ -54,6 +54,27 @@ def test_override(monkeypatch):
         r.select("op", _q())
 
 
+def test_selection_is_cached_per_query_and_override(monkeypatch):
+    """select() decides once per (op, query, TSCOMPILE_KERNELS); a changed override, a new
+    registration or another shape decides again."""
+    r = make()
+    calls = []
+    check = lambda q: calls.append(q) or (None if q.get("head_dim") == 128 else "no")  # noqa: E731
+    r.register("op", "counted", priority=15, requires=Requirements(shape_check=check))(
+        lambda: "counted")
+    q = _q(torch.bfloat16, head_dim=128)
+    assert [r.select("op", q).backend for _ in range(3)] == ["counted"] * 3
+    assert len(calls) == 1
+    assert r.select("op", _q(torch.bfloat16, head_dim=64)).backend == "fast"
+    assert len(calls) == 2
+    monkeypatch.setenv("TSCOMPILE_KERNELS", "op=reference")
+    assert r.select("op", q).backend == "reference"
+    monkeypatch.delenv("TSCOMPILE_KERNELS")
+    r.register("op", "newest", priority=30)(lambda: "newest")
+    assert r.select("op", q).backend == "newest"
+    assert r.selections()["op@cpu/bfloat16"] == "newest"
+
+
 def test_duplicate_and_unknown():
     r = make()
     with pytest.raises(ValueError, match="already has a 'fast'"):
