@@ -67,8 +67,9 @@ class EngineConfig:
             raise ValueError("give --kv-cache-tokens or --kv-memory-fraction, not both")
         if self.session_ttl < 0:
             raise ValueError(f"--session-ttl must be >= 0, got {self.session_ttl}")
-        if self.max_graph_batch is not None and not 1 <= self.max_graph_batch:
-            raise ValueError(f"--max-graph-batch must be >= 1, got {self.max_graph_batch}")
+        if self.max_graph_batch is not None and not 1 <= self.max_graph_batch <= self.max_num_seqs:
+            raise ValueError(f"--max-graph-batch must be in [1, --max-num-seqs = "
+                             f"{self.max_num_seqs}], got {self.max_graph_batch}")
 
     def model_len(self, max_position_embeddings: int | None) -> int:
         return self.max_model_len or max_position_embeddings or 4096
@@ -82,8 +83,7 @@ def bind_rank(program: RankProgram, cfg: EngineConfig, num_blocks: int, max_mode
     program.bind_kv_caches(num_blocks + 1, cfg.page_size, dtype=dtype, device=device)
     if device.type != "cuda" or cfg.enforce_eager:
         return None
-    return DecodeGraphs(program, max_batch=min(cfg.max_graph_batch or cfg.max_num_seqs,
-                                               cfg.max_num_seqs),
+    return DecodeGraphs(program, max_batch=cfg.max_graph_batch or cfg.max_num_seqs,
                         max_blocks=-(-max_model_len // cfg.page_size),
                         page_size=cfg.page_size, scratch_block=num_blocks, device=device)
 

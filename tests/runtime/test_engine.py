@@ -231,3 +231,18 @@ def test_direct_ops_and_custom_ops_give_the_same_program_results(prog):
     (a1, a2, ca), (b1, b2, cb) = runs
     assert torch.equal(a1, b1) and torch.equal(a2, b2)
     assert all(torch.equal(x, y) for x, y in zip(ca, cb))
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--max-graph-batch", "64", "--max-num-seqs", "32"], r"--max-graph-batch must be in \[1, "),
+    (["--max-graph-batch", "0"], r"--max-graph-batch must be in"),
+    (["--kv-memory-fraction", "1.5"], r"--kv-memory-fraction must be in \(0, 1\)"),
+    (["--session-ttl", "-1"], "--session-ttl must be >= 0"),
+    (["--device", "cuda"], "no CUDA device") if not __import__("torch").cuda.is_available()
+    else (["--page-size", "0"], "must be positive"),
+])
+def test_tsrun_flags_are_validated_with_the_flag_named(argv, match):
+    from tscompile.runtime.cli import parse
+
+    with pytest.raises(ValueError, match=match):
+        parse(["prog.tsprog", "--dummy-weights", *argv])
