@@ -84,6 +84,8 @@ def _rank_main(rank: int, world: int, port: int, cfg: ServeConfig, eos: tuple[in
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(message)s")
     device = torch.device("cuda", rank) if cfg.device == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)         # NCCL and Triton launch on the current device
     if world > 1:
         dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo",
                                 init_method=f"tcp://127.0.0.1:{port}", rank=rank,
