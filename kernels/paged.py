@@ -40,6 +40,9 @@ from dataclasses import dataclass
 import torch
 
 
+FP8_KV_DTYPES = (torch.float8_e4m3fn,)     # KV cache dtypes stored with scale 1
+
+
 @dataclass(frozen=True, slots=True)
 class AttentionMetadata:
     query_start_loc: torch.Tensor  # [B+1] int32, cumulative query lengths
@@ -122,6 +125,13 @@ def gather_pages(cache: torch.Tensor, block_table: torch.Tensor, length: int) ->
 
 def write_slots(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.Tensor) -> None:
     """cache.view(NB*PS, ...)[slot_mapping[t]] = values[t] (in place). One scatter, no
-    masking: a boolean mask would sync the host every layer and break graph capture."""
+    masking: a boolean mask would sync the host every layer and break graph capture.
+    An fp8 cache stores the values saturated to its finite range (scale 1; a cast alone
+    would turn an outlier into NaN)."""
     flat = cache.view(cache.shape[0] * cache.shape[1], *cache.shape[2:])
+    if cache.dtype in FP8_KV_DTYPES:     # as bytes: index_copy_ has no fp8 kernels
+        top = torch.finfo(cache.dtype).max
+        values = values.float().clamp(-top, top).to(cache.dtype)
+        flat.view(torch.uint8).index_copy_(0, slot_mapping, values.view(torch.uint8))
+        return
     flat.index_copy_(0, slot_mapping, values.to(cache.dtype))

@@ -47,6 +47,7 @@ class EngineConfig:
     kv_memory_fraction: float | None = None   # CUDA: fraction of free memory for KV (0.9)
     session_ttl: float = 60.0            # seconds a finished session's prefix stays pinned
     enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"         # "auto" (the model's dtype) or "fp8" (e4m3, scale 1)
     enforce_eager: bool = False          # CUDA: no decode CUDA graphs
     max_graph_batch: int | None = None   # largest captured decode batch (default max_num_seqs)
 
@@ -71,8 +72,18 @@ class EngineConfig:
             raise ValueError(f"--max-graph-batch must be in [1, --max-num-seqs = "
                              f"{self.max_num_seqs}], got {self.max_graph_batch}")
 
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"--kv-cache-dtype must be one of {sorted(KV_CACHE_DTYPES)}, "
+                             f"got {self.kv_cache_dtype!r}")
+
     def model_len(self, max_position_embeddings: int | None) -> int:
         return self.max_model_len or max_position_embeddings or 4096
+
+    def cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        return KV_CACHE_DTYPES[self.kv_cache_dtype] or model_dtype
+
+
+KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {"auto": None, "fp8": torch.float8_e4m3fn}
 
 
 def bind_rank(program: RankProgram, cfg: EngineConfig, num_blocks: int, max_model_len: int,
@@ -80,7 +91,8 @@ def bind_rank(program: RankProgram, cfg: EngineConfig, num_blocks: int, max_mode
     """Give a rank its KV caches (the scheduler's `num_blocks` plus the scratch block that
     CUDA-graph padding writes to) and, on CUDA unless --enforce-eager, its decode graphs.
     Every rank of a replica calls this with the same numbers, so they replay alike."""
-    program.bind_kv_caches(num_blocks + 1, cfg.page_size, dtype=dtype, device=device)
+    program.bind_kv_caches(num_blocks + 1, cfg.page_size, dtype=cfg.cache_dtype(dtype),
+                           device=device)
     if device.type != "cuda" or cfg.enforce_eager:
         return None
     return DecodeGraphs(program, max_batch=cfg.max_graph_batch or cfg.max_num_seqs,
@@ -95,7 +107,7 @@ def activation_peak(program: RankProgram, cfg: EngineConfig, max_model_len: int,
     with the allocator's peak statistics. Every rank of a replica runs it (collectives)."""
     tokens = min(cfg.max_num_batched_tokens, max_model_len)
     blocks = -(-tokens // cfg.page_size)
-    program.bind_kv_caches(blocks, cfg.page_size, dtype=dtype, device=device)
+    program.bind_kv_caches(blocks, cfg.page_size, dtype=cfg.cache_dtype(dtype), device=device)
     meta = build_metadata([tokens], [tokens], [list(range(blocks))], cfg.page_size,
                           device=device)
     torch.cuda.synchronize(device)
@@ -117,7 +129,7 @@ def kv_blocks(cfg: EngineConfig, program: RankProgram, dtype: torch.dtype,
     """The scheduler's pool size in blocks: explicit tokens; else on CUDA a fraction of the
     memory left free by the weights and the profiled activation peak (less the scratch
     block); else (CPU) 16K tokens."""
-    elem = torch.empty(0, dtype=dtype).element_size()
+    elem = torch.empty(0, dtype=cfg.cache_dtype(dtype)).element_size()
     bytes_per_token = program.prog.manifest["kv_cache"]["elements_per_token_per_rank"] * elem
     if cfg.kv_cache_tokens is not None:
         tokens = cfg.kv_cache_tokens

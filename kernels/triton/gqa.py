@@ -6,9 +6,11 @@ definitions: `kernels/gqa.py`; cache layout and metadata: `kernels/paged.py`). B
 softmax in fp32 (exp2 of `s * scale * log2(e) - max`, one FMA a score) and write
 `out [.., Hq, D]` in q's dtype. Limits: head dim <= 128 (any, masked to a power of two),
 scale > 0, up to 128 query heads per KV head; bf16/fp16 (fp32 too, exact but slow on GPU).
-No host synchronisation and no data-dependent launch shape: both run inside CUDA-graph
-capture. What it is not: the cache write (`gqa_attention` does that before dispatching), fp8
-caches, sliding windows, soft-capping or ALiBi.
+The cache may be fp8-e4m3 (`tsrun --kv-cache-dtype fp8`): each K/V tile is upcast to q's
+dtype after the load, so the dots and the softmax are those of a bf16 cache on half the
+bytes. No host synchronisation and no data-dependent launch shape: both run inside
+CUDA-graph capture. What it is not: the cache write (`gqa_attention` does that before
+dispatching), per-head fp8 scales, sliding windows, soft-capping or ALiBi.
 
 Legend: B sequences, T query tokens, Hq query heads, Hkv KV heads, G = Hq / Hkv query heads
 per KV head, D head dim, L context length, PS page size, S splits of the context.
@@ -124,7 +126,6 @@ def _decode_split_kernel(
     heads = kvh * G + offs_g                                          # [BG] query heads
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)     # [BG, BD]
-    q = q.to(k_ptr.dtype.element_ty)
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -137,8 +138,10 @@ def _decode_split_kernel(
         row = (blk.to(tl.int64) * stride_cblk + (pos % PAGE_SIZE) * stride_cslot
                + kvh * stride_chead)                                  # [BN]
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(k_ptr + row[:, None] + offs_d[None, :], mask=kv_mask,
+                    other=0.0).to(q_ptr.dtype.element_ty)                # fp8 cache: upcast
+        v = tl.load(v_ptr + row[:, None] + offs_d[None, :], mask=kv_mask,
+                    other=0.0).to(q_ptr.dtype.element_ty)
         s = _dot(q, tl.trans(k), FP32_DOT)                            # [BG, BN]
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)              # log2 units
@@ -247,7 +250,7 @@ def decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
         scale * _LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         G=group, HEAD_DIM=d, PAGE_SIZE=page_size, NUM_SPLITS=splits, BLOCK_G=block_g,
-        BLOCK_D=block_d, BLOCK_N=block_n, FP32_DOT=_fp32_dot(kv_cache.dtype),
+        BLOCK_D=block_d, BLOCK_N=block_n, FP32_DOT=_fp32_dot(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
     if splits > 1:
@@ -301,7 +304,6 @@ def _prefill_kernel(
     tok = (q_start + offs_m).to(tl.int64)
     q = tl.load(q_ptr + tok[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
                 mask=m_mask[:, None] & d_mask[None, :], other=0.0)     # [BM, BD]
-    q = q.to(k_ptr.dtype.element_ty)
     q_pos = prefix + offs_m                                           # absolute positions
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -316,8 +318,10 @@ def _prefill_kernel(
         pos = n0 + offs_n
         blk = tl.load(bt_row + pos // PAGE_SIZE)
         row = blk.to(tl.int64) * stride_cblk + (pos % PAGE_SIZE) * stride_cslot + head_off
-        k = tl.load(k_ptr + row[:, None] + offs_d[None, :], mask=d_mask[None, :], other=0.0)
-        v = tl.load(v_ptr + row[:, None] + offs_d[None, :], mask=d_mask[None, :], other=0.0)
+        k = tl.load(k_ptr + row[:, None] + offs_d[None, :], mask=d_mask[None, :],
+                    other=0.0).to(q_ptr.dtype.element_ty)                # fp8 cache: upcast
+        v = tl.load(v_ptr + row[:, None] + offs_d[None, :], mask=d_mask[None, :],
+                    other=0.0).to(q_ptr.dtype.element_ty)
         s = _dot(q, tl.trans(k), FP32_DOT)                            # [BM, BN]
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)              # log2 units
         alpha = tl.exp2(m_i - m_new)
@@ -334,8 +338,10 @@ def _prefill_kernel(
         blk = tl.load(bt_row + pos // PAGE_SIZE, mask=n_mask, other=0)
         row = blk.to(tl.int64) * stride_cblk + (pos % PAGE_SIZE) * stride_cslot + head_off
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(k_ptr + row[:, None] + offs_d[None, :], mask=kv_mask,
+                    other=0.0).to(q_ptr.dtype.element_ty)                # fp8 cache: upcast
+        v = tl.load(v_ptr + row[:, None] + offs_d[None, :], mask=kv_mask,
+                    other=0.0).to(q_ptr.dtype.element_ty)
         s = _dot(q, tl.trans(k), FP32_DOT)
         visible = (pos[None, :] <= q_pos[:, None]) & n_mask[None, :]
         s = tl.where(visible, s, float("-inf"))
@@ -386,7 +392,7 @@ def prefill(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
         scale * _LOG2E, num_seqs, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         G=hq // hkv, HEAD_DIM=d, PAGE_SIZE=page_size, BLOCK_M=bm, BLOCK_N=bn,
-        BLOCK_D=max(16, triton.next_power_of_2(d)), FP32_DOT=_fp32_dot(kv_cache.dtype),
+        BLOCK_D=max(16, triton.next_power_of_2(d)), FP32_DOT=_fp32_dot(q.dtype),
         num_warps=nw, num_stages=ns,
     )
     return out

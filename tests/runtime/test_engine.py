@@ -246,3 +246,23 @@ def test_tsrun_flags_are_validated_with_the_flag_named(argv, match):
 
     with pytest.raises(ValueError, match=match):
         parse(["prog.tsprog", "--dummy-weights", *argv])
+
+
+def test_fp8_kv_cache_engine_equals_the_offline_path_on_an_fp8_cache(prog):
+    """--kv-cache-dtype fp8: the pool is e4m3; batched greedy tokens (with chunked prefill
+    and preemption) equal each request alone on the offline reference path whose cache is
+    e4m3 too."""
+    import torch
+
+    model, _ = load_model("llama", preset="tiny", dummy_weights=True, seed=SEED)
+    eng = engine(prog, kv_cache_dtype="fp8", kv_cache_tokens=40)
+    assert all(c.dtype == torch.float8_e4m3fn for c in eng.program.caches)
+    reqs = [AddRequest(f"r{i}", tuple(p), greedy(6 + i)) for i, p in enumerate(PROMPTS[:4])]
+    outs = run_all(eng, reqs)
+    for r, p in zip(reqs, PROMPTS):
+        runner = PagedRunner(model, page_size=4, num_blocks=64, dtype=torch.float8_e4m3fn)
+        want = generate(runner, list(p), OfflineParams(max_tokens=r.params.max_tokens))
+        assert [t for o in outs[r.rid] for t in o.token_ids] == want, r.rid
+    assert eng.stats().preemptions > 0
+    with pytest.raises(ValueError, match="--kv-cache-dtype must be one of"):
+        EngineConfig(kv_cache_dtype="int4")

@@ -130,6 +130,36 @@ def test_registry_path_mixed_batch(monkeypatch):
     check(pre, want[2:], torch.float32)
 
 
+FP8 = torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("qdtype", [torch.bfloat16, torch.float32])
+def test_fp8_cache_decode_and_prefill_match_the_reference_on_the_same_cache(qdtype):
+    """An fp8-e4m3 cache: the kernels upcast each K/V tile to q's dtype; the reference reads
+    the same fp8 values in fp32. Also: the cache write saturates an outlier to 448 instead
+    of the NaN a plain cast gives."""
+    gen = torch.Generator().manual_seed(11)
+    hq, hkv, d, ps = 6, 2, 24, 5
+    seqs = [(12, 1), (30, 1), (0, 19), (21, 7)]          # decodes first
+    lengths = [p + n for p, n in seqs]
+    cache, tables = make_cache(lengths, ps, hkv, d, FP8, gen=gen)
+    assert cache.dtype == FP8 and not cache.float().isnan().any()
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    q = torch.randn(2, hq, d, generator=gen).to(qdtype)
+    out = tgqa.decode(q, cache, tables[:2], seq_lens[:2], 0.3, splits=3, block_n=16)
+    check(out, gqa_decode_reference(q, cache, tables[:2], seq_lens[:2], 0.3), qdtype)
+    qsl = torch.tensor([0, 19, 26], dtype=torch.int32)
+    qp = torch.randn(26, hq, d, generator=gen).to(qdtype)
+    out = tgqa.prefill(qp, cache, tables[2:], qsl, seq_lens[2:], 0.3, block_m=16, block_n=16)
+    check(out, gqa_prefill_reference(qp, cache, tables[2:], qsl, seq_lens[2:], 0.3), qdtype)
+
+    meta = build_metadata([1], [4], [[0]], ps)
+    k = torch.full((1, hkv, d), 1000.0)
+    gqa_attention(torch.randn(1, hq, d), k, -k, cache, meta.slot_mapping, meta.block_tables,
+                  meta.query_start_loc, meta.seq_lens, meta.num_decodes, 0.3)
+    assert cache[0, 0, 3].float().eq(448).all() and cache[1, 0, 3].float().eq(-448).all()
+
+
 def test_num_splits_fills_the_gpu(monkeypatch):
     monkeypatch.setattr(tgqa, "_sm_count", lambda device: 132)
     cuda = torch.device("cuda")
