@@ -193,6 +193,23 @@ def test_prefill_fp16():
     assert _rel_err(out, ref) < 1e-2
 
 
+def test_fp8_cache_prefill_and_decode_fp16():
+    """An fp8-e4m3 latent cache (`--kv-cache-dtype fp8`) under fp16 queries: the expand and
+    decode kernels upcast the cache rows; the reference reads the same fp8 values."""
+    args = list(_prefill_inputs([3, 20], [3, 41], seed=16, dtype=torch.float16))
+    args[2] = args[2].to(torch.float8_e4m3fn)
+    out = tmla.prefill(*args, SCALE)
+    ref = mla_prefill_reference(*[a.float() if a.is_floating_point() else a for a in args],
+                                SCALE)
+    assert _rel_err(out, ref) < 1e-2
+    cache, bt = _paged([2, 40], seed=17)
+    cache8 = cache.to(torch.float8_e4m3fn)
+    q = _randn(2, H, R, dtype=torch.float16)
+    out = tmla.decode_rows(q, cache8, bt, _lens([2, 40]), SCALE, L)
+    ref = mla_decode_reference(q.float(), cache8.float(), bt, _lens([2, 40]), SCALE, L)
+    assert _rel_err(out, ref) < 1e-2
+
+
 def test_decode_folded_fp16():
     cache, bt = _paged([2, 40], dtype=torch.float16, seed=15)
     q = _randn(2, 2, 9, R, dtype=torch.float16)
