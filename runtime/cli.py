@@ -36,6 +36,10 @@ def parse(argv: list[str] | None = None) -> ServeConfig:
     p.add_argument("--max-num-seqs", type=int, default=_E.max_num_seqs)
     p.add_argument("--max-num-batched-tokens", type=int, default=_E.max_num_batched_tokens)
     p.add_argument("--max-model-len", type=int, default=_E.max_model_len)
+    p.add_argument("--max-tokens-with-decodes", type=int, default=_E.max_tokens_with_decodes,
+                   help="token budget of a step that carries decodes (default: "
+                        "--max-num-batched-tokens): smaller bounds the decoders' inter-token "
+                        "time while long prompts prefill, at the prompts' expense")
     kv = p.add_mutually_exclusive_group()
     kv.add_argument("--kv-cache-tokens", type=int, default=_E.kv_cache_tokens)
     kv.add_argument("--kv-memory-fraction", type=float, default=_E.kv_memory_fraction,
@@ -57,7 +61,8 @@ def parse(argv: list[str] | None = None) -> ServeConfig:
     a = p.parse_args(argv)
     engine = EngineConfig(
         max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
-        max_model_len=a.max_model_len, page_size=a.page_size,
+        max_model_len=a.max_model_len, max_tokens_with_decodes=a.max_tokens_with_decodes,
+        page_size=a.page_size,
         kv_cache_tokens=a.kv_cache_tokens, kv_memory_fraction=a.kv_memory_fraction,
         session_ttl=a.session_ttl, enable_prefix_caching=not a.no_prefix_caching,
         kv_cache_dtype=a.kv_cache_dtype, enforce_eager=a.enforce_eager,

@@ -41,6 +41,8 @@ FINISH_CODES = {"stop": FINISH_STOP, "length": FINISH_LENGTH, "abort": FINISH_AB
 class EngineConfig:
     max_num_seqs: int = 32               # running requests (block-table rows)
     max_num_batched_tokens: int = 512    # tokens per step (decodes + prefill chunks)
+    max_tokens_with_decodes: int | None = None   # tokens of a step carrying decodes (default
+                                                 # max_num_batched_tokens): bounds their ITL
     max_model_len: int | None = None     # default: the model's max_position_embeddings
     page_size: int = 16
     kv_cache_tokens: int | None = None   # KV pool size in tokens (default below)
@@ -72,6 +74,10 @@ class EngineConfig:
             raise ValueError(f"--max-graph-batch must be in [1, --max-num-seqs = "
                              f"{self.max_num_seqs}], got {self.max_graph_batch}")
 
+        cap = self.max_tokens_with_decodes
+        if cap is not None and not 1 <= cap <= self.max_num_batched_tokens:
+            raise ValueError(f"--max-tokens-with-decodes must be in [1, --max-num-batched-tokens"
+                             f" = {self.max_num_batched_tokens}], got {cap}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"--kv-cache-dtype must be one of {sorted(KV_CACHE_DTYPES)}, "
                              f"got {self.kv_cache_dtype!r}")
@@ -183,7 +189,8 @@ class Engine:
         self.sched = Scheduler(
             num_blocks=self.num_blocks, page_size=cfg.page_size, max_num_seqs=cfg.max_num_seqs,
             max_num_batched_tokens=cfg.max_num_batched_tokens, max_model_len=self.max_model_len,
-            session_ttl=cfg.session_ttl, enable_prefix_caching=cfg.enable_prefix_caching)
+            session_ttl=cfg.session_ttl, enable_prefix_caching=cfg.enable_prefix_caching,
+            max_tokens_with_decodes=cfg.max_tokens_with_decodes or 0)
         self.block_table = self.sched.block_table
         self.sampler = BatchSampler(cfg.max_num_seqs, vocab_size, self.device)
         self.live: dict[int, _Live] = {}

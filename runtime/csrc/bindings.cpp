@@ -75,7 +75,7 @@ PYBIND11_MODULE(_scheduler, m) {
   py::class_<Scheduler>(m, "Scheduler")
       .def(py::init([](int num_blocks, int page_size, int max_num_seqs,
                        int max_num_batched_tokens, int max_model_len, double session_ttl,
-                       bool enable_prefix_caching) {
+                       bool enable_prefix_caching, int max_tokens_with_decodes) {
              SchedulerConfig c;
              c.num_blocks = num_blocks;
              c.page_size = page_size;
@@ -84,11 +84,13 @@ PYBIND11_MODULE(_scheduler, m) {
              c.max_model_len = max_model_len;
              c.session_ttl = session_ttl;
              c.enable_prefix_caching = enable_prefix_caching;
+             c.max_tokens_with_decodes = max_tokens_with_decodes;
              return new Scheduler(c);
            }),
            py::kw_only(), py::arg("num_blocks"), py::arg("page_size"), py::arg("max_num_seqs"),
            py::arg("max_num_batched_tokens"), py::arg("max_model_len"),
-           py::arg("session_ttl") = 0.0, py::arg("enable_prefix_caching") = true)
+           py::arg("session_ttl") = 0.0, py::arg("enable_prefix_caching") = true,
+           py::arg("max_tokens_with_decodes") = 0)
       .def("add_request",
            [](Scheduler& s, uint64_t id, py::array_t<int32_t, py::array::c_style |
                                                              py::array::forcecast> prompt,

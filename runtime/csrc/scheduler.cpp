@@ -33,6 +33,10 @@ Scheduler::Scheduler(const SchedulerConfig& c)
     throw std::invalid_argument(
         "Scheduler: max_num_seqs, max_num_batched_tokens and max_model_len must be positive");
   }
+  if (c.max_tokens_with_decodes < 0 || c.max_tokens_with_decodes > c.max_num_batched_tokens) {
+    throw std::invalid_argument(
+        "Scheduler: max_tokens_with_decodes must be in [0, max_num_batched_tokens]");
+  }
   max_blocks_ = (c.max_model_len + c.page_size - 1) / c.page_size;
   table_.assign(static_cast<size_t>(c.max_num_seqs) * max_blocks_, 0);
   for (int s = c.max_num_seqs - 1; s >= 0; --s) free_slots_.push_back(s);
@@ -184,6 +188,12 @@ const StepPlan& Scheduler::plan(double now) {
     if (ok) emit(r, d->kv, 1);
   }
   plan_.num_decodes = static_cast<int>(plan_.req_ids.size());
+  // A step that carries decodes takes at most max_tokens_with_decodes tokens in all, so a
+  // long prefill cannot stall the running requests' next token for a whole big chunk.
+  if (plan_.num_decodes > 0 && config_.max_tokens_with_decodes > 0) {
+    budget_ = std::min(budget_, std::max(0, config_.max_tokens_with_decodes -
+                                                plan_.num_decodes));
+  }
   // 2. Prefill chunks of admitted requests, then 3. admissions, FCFS.
   for (uint64_t id : running_) {
     Request& r = get(id);

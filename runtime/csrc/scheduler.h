@@ -34,6 +34,7 @@ struct SchedulerConfig {
   int page_size = 16;
   int max_num_seqs = 64;              // also the number of block-table rows
   int max_num_batched_tokens = 2048;  // token budget per step
+  int max_tokens_with_decodes = 0;    // budget of a step that carries decodes (0: the above)
   int max_model_len = 4096;
   double session_ttl = 0.0;           // seconds a finished session's prefix stays pinned
   bool enable_prefix_caching = true;

@@ -78,6 +78,16 @@ def test_batched_greedy_equals_each_request_alone(prog, alone, kv_tokens):
     eng.sched.check_invariants()
 
 
+def test_capped_mixed_steps_keep_outputs(prog, alone):
+    """--max-tokens-with-decodes 5: long prompts prefill in small chunks next to decodes;
+    every request's greedy tokens are still its tokens alone."""
+    eng = engine(prog, max_tokens_with_decodes=5)
+    reqs = [AddRequest(f"r{i}", tuple(p), greedy(5 + i)) for i, p in enumerate(PROMPTS)]
+    outs = run_all(eng, reqs)
+    for r, p in zip(reqs, PROMPTS):
+        assert [t for o in outs[r.rid] for t in o.token_ids] == alone(p, r.params.max_tokens)
+
+
 def test_prefix_hit_reports_cached_tokens_and_keeps_outputs(prog, alone):
     eng = engine(prog)
     shared = list(range(10, 30))
@@ -238,6 +248,7 @@ def test_direct_ops_and_custom_ops_give_the_same_program_results(prog):
     (["--max-graph-batch", "0"], r"--max-graph-batch must be in"),
     (["--kv-memory-fraction", "1.5"], r"--kv-memory-fraction must be in \(0, 1\)"),
     (["--session-ttl", "-1"], "--session-ttl must be >= 0"),
+    (["--max-tokens-with-decodes", "600"], r"--max-tokens-with-decodes must be in \[1, "),
     (["--device", "cuda"], "no CUDA device") if not __import__("torch").cuda.is_available()
     else (["--page-size", "0"], "must be positive"),
 ])

@@ -15,10 +15,10 @@ from tscompile.runtime._scheduler import FINISH_ABORT, FINISH_LENGTH, FINISH_STO
 PS = 4
 
 
-def make(num_blocks=24, max_num_seqs=4, budget=12, max_model_len=48, ttl=0.0):
+def make(num_blocks=24, max_num_seqs=4, budget=12, max_model_len=48, ttl=0.0, cap=0):
     return Scheduler(num_blocks=num_blocks, page_size=PS, max_num_seqs=max_num_seqs,
                      max_num_batched_tokens=budget, max_model_len=max_model_len,
-                     session_ttl=ttl)
+                     session_ttl=ttl, max_tokens_with_decodes=cap)
 
 
 def drain(s, now=0.0, token=5, limit=500):
@@ -49,9 +49,10 @@ events = st.lists(st.one_of(
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(events=events, num_blocks=st.integers(6, 30), ttl=st.sampled_from([0.0, 2.0]))
-def test_random_event_sequences_keep_every_block_accounted_for(events, num_blocks, ttl):
-    s = make(num_blocks=num_blocks, ttl=ttl)
+@given(events=events, num_blocks=st.integers(6, 30), ttl=st.sampled_from([0.0, 2.0]),
+       cap=st.sampled_from([0, 2, 7]))
+def test_random_event_sequences_keep_every_block_accounted_for(events, num_blocks, ttl, cap):
+    s = make(num_blocks=num_blocks, ttl=ttl, cap=cap)
     prefixes = [list(range(100 + 10 * k, 100 + 10 * k + 13)) for k in range(4)]
     live: set[int] = set()
     next_id, now = 0, 0.0
@@ -194,3 +195,30 @@ def test_block_table_is_a_live_view():
     slot = int(p["slots"][0])
     assert list(table[slot, :3]) == [int(x) // PS for x in p["slot_mapping"][::4]]
     s.update(np.array([1], np.int32))
+
+
+def test_steps_with_decodes_take_at_most_max_tokens_with_decodes():
+    """With the cap, a step that carries decodes stops its prefill chunks at cap tokens in
+    all; a step without decodes still takes the whole budget; the long prompt still gets
+    through, and nothing else changes."""
+    s = make(budget=16, cap=6, max_model_len=48)
+    s.add_request(0, np.arange(1, 4, dtype=np.int32), 20, [], "", 0.0)
+    p = s.plan(0.0)
+    assert p["query_lens"].tolist() == [3]                 # no decodes yet: plain prefill
+    s.update(np.full(p["num_sample"], 5, np.int32), 0.0)
+    s.add_request(1, np.arange(10, 40, dtype=np.int32), 4, [], "", 0.0)
+    sizes = []
+    while True:
+        p = s.plan(0.0)
+        assert p["num_decodes"] >= 1 and p["query_lens"].sum() <= 6
+        sizes.append(p["query_lens"].tolist())
+        s.update(np.full(p["num_sample"], 5, np.int32), 0.0)
+        if len(sizes) > 3 and all(q == 1 for q in p["query_lens"]):
+            break
+    assert sizes[:6] == [[1, 5]] * 6                      # 30 prompt tokens in chunks of 5
+    s.check_invariants()
+    alone = make(budget=16, cap=6)
+    alone.add_request(2, np.arange(10, 40, dtype=np.int32), 4, [], "", 0.0)
+    assert alone.plan(0.0)["query_lens"].tolist() == [16]
+    with pytest.raises(ValueError, match="max_tokens_with_decodes must be in"):
+        make(budget=8, cap=9)
