@@ -3,7 +3,8 @@
 #
 #   benchmarks/agentic/serve_and_sweep.sh OUT_DIR TOKENIZER_DIR [WORKLOAD.jsonl]
 #
-# Environment (defaults in brackets): MODEL [qwen3], PRESET [qwen3-8b], DEVICE [cuda],
+# Environment (defaults in brackets): MODEL [qwen3], PRESET [qwen3-8b], TP [1] (ranks =
+# GPUs, also the sweep's --gpus), DEVICE [cuda],
 # DTYPE [bfloat16], LEVELS [1,2,4,8], DURATION seconds per level [60], LABEL, PORT [8011],
 # TSRUN_ARGS for extra tsrun flags (e.g. --enforce-eager) and SWEEP_ARGS for extra sweep
 # flags (e.g. workload options). Writes OUT_DIR/build.log, tsrun.log and the sweep's
@@ -11,10 +12,10 @@
 set -euo pipefail
 # shellcheck disable=SC2086  # TSRUN_ARGS and SWEEP_ARGS split on purpose
 out=${1:?output folder}; tok=${2:?tokenizer folder}; workload=${3:-}
-model=${MODEL:-qwen3}; preset=${PRESET:-qwen3-8b}; port=${PORT:-8011}
+model=${MODEL:-qwen3}; preset=${PRESET:-qwen3-8b}; port=${PORT:-8011}; tp=${TP:-1}
 mkdir -p "$out"
 prog="$out/$preset.tsprog"
-tscompile build "$model" --preset "$preset" --tp 1 -o "$prog" > "$out/build.log"
+tscompile build "$model" --preset "$preset" --tp "$tp" -o "$prog" > "$out/build.log"
 tsrun "$prog" --dummy-weights --tokenizer "$tok" --device "${DEVICE:-cuda}" \
   --dtype "${DTYPE:-bfloat16}" \
   --port "$port" --max-num-seqs 32 --max-num-batched-tokens 4096 ${TSRUN_ARGS:-} \
@@ -30,5 +31,5 @@ curl -sf "http://127.0.0.1:$port/health" > /dev/null || { echo "tsrun not health
 src=(--tokenizer "$tok")
 [ -n "$workload" ] && src=(--workload "$workload")
 python3 -m benchmarks.agentic sweep --url "http://127.0.0.1:$port" "${src[@]}" --out "$out" \
-  --concurrency "${LEVELS:-1,2,4,8}" --duration "${DURATION:-60}" --gpus 1 --no-progress \
-  --label "${LABEL:-tsrun $preset ${DTYPE:-bfloat16}, 1 GPU}" ${SWEEP_ARGS:-}
+  --concurrency "${LEVELS:-1,2,4,8}" --duration "${DURATION:-60}" --gpus "$tp" --no-progress \
+  --label "${LABEL:-tsrun $preset ${DTYPE:-bfloat16}, $tp GPU}" ${SWEEP_ARGS:-}
