@@ -308,47 +308,48 @@ class OpenAIServer:
         except Exception as e:       # noqa: BLE001 - must end the stream cleanly
             yield self._engine_error(f"{type(e).__name__}: {e}")
 
-    async def _chat_stream(self, gen: Generation, meta: R.ResponseMeta, n: int,
-                           body: ChatCompletionRequest) -> AsyncIterator[str]:
+    def _chat_stream(self, gen: Generation, meta: R.ResponseMeta, n: int,
+                     body: ChatCompletionRequest) -> AsyncIterator[str]:
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        for i in range(n):
-            yield R.sse(R.chat_chunk(meta, i, {"role": "assistant", "content": ""},
-                                     include_usage=usage))
-        async with contextlib.aclosing(self._deltas(gen)) as deltas:
-            async for d in deltas:
-                if isinstance(d, APIError):
-                    yield R.sse(d.body())
-                    yield R.DONE
-                    return
-                if not (d.text or d.logprobs or d.finish_reason):
-                    continue
-                lp = (R.chat_logprobs(self.token_table, d.logprobs, meta.top_logprobs)
-                      if body.logprobs and d.logprobs else None)
-                delta = {"content": d.text} if d.text or not d.finish_reason else {}
-                yield R.sse(R.chat_chunk(meta, d.index, delta, logprobs=lp,
-                                         finish_reason=d.finish_reason, include_usage=usage))
-        if usage:
-            yield R.sse(R.usage_chunk(meta, "chat.completion.chunk", gen.usage().as_dict()))
-        yield R.DONE
 
-    async def _completion_stream(self, gen: Generation, meta: R.ResponseMeta,
-                                 body: CompletionRequest, want_lp: bool) -> AsyncIterator[str]:
+        def chunk(d: Any) -> dict[str, Any]:
+            lp = (R.chat_logprobs(self.token_table, d.logprobs, meta.top_logprobs)
+                  if body.logprobs and d.logprobs else None)
+            delta = {"content": d.text} if d.text or not d.finish_reason else {}
+            return R.chat_chunk(meta, d.index, delta, logprobs=lp,
+                                finish_reason=d.finish_reason, include_usage=usage)
+        head = [R.chat_chunk(meta, i, {"role": "assistant", "content": ""},
+                             include_usage=usage) for i in range(n)]
+        return self._sse(gen, meta, usage, "chat.completion.chunk", head, chunk)
+
+    def _completion_stream(self, gen: Generation, meta: R.ResponseMeta,
+                           body: CompletionRequest, want_lp: bool) -> AsyncIterator[str]:
         usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def chunk(d: Any) -> dict[str, Any]:
+            lp = (R.completion_logprobs(self.token_table, d.logprobs, meta.top_logprobs)
+                  if want_lp and d.logprobs else None)
+            return R.completion_chunk(meta, d.index, d.text, logprobs=lp,
+                                      finish_reason=d.finish_reason, include_usage=usage)
+        return self._sse(gen, meta, usage, "text_completion", [], chunk)
+
+    async def _sse(self, gen: Generation, meta: R.ResponseMeta, usage: bool, kind: str,
+                   head: list[dict[str, Any]], chunk: Any) -> AsyncIterator[str]:
+        """The SSE stream of either endpoint: `head` chunks, then one `chunk(delta)` per
+        delta that carries anything (an engine error ends the stream with its error body),
+        the usage chunk if asked for, and [DONE]."""
+        for c in head:
+            yield R.sse(c)
         async with contextlib.aclosing(self._deltas(gen)) as deltas:
             async for d in deltas:
                 if isinstance(d, APIError):
                     yield R.sse(d.body())
                     yield R.DONE
                     return
-                if not (d.text or d.logprobs or d.finish_reason):
-                    continue
-                lp = (R.completion_logprobs(self.token_table, d.logprobs, meta.top_logprobs)
-                      if want_lp and d.logprobs else None)
-                yield R.sse(R.completion_chunk(meta, d.index, d.text, logprobs=lp,
-                                               finish_reason=d.finish_reason,
-                                               include_usage=usage))
+                if d.text or d.logprobs or d.finish_reason:
+                    yield R.sse(chunk(d))
         if usage:
-            yield R.sse(R.usage_chunk(meta, "text_completion", gen.usage().as_dict()))
+            yield R.sse(R.usage_chunk(meta, kind, gen.usage().as_dict()))
         yield R.DONE
 
 
