@@ -73,25 +73,18 @@ def completion_logprobs(table: TokenTable, entries: list[TokenLogprobAt],
 def chat_chunk(meta: ResponseMeta, index: int, delta: dict[str, Any], *,
                logprobs: dict[str, Any] | None = None, finish_reason: str | None = None,
                include_usage: bool = False) -> dict[str, Any]:
-    chunk = {"id": meta.id, "object": "chat.completion.chunk", "created": meta.created,
-             "model": meta.model,
-             "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                          "finish_reason": finish_reason}]}
-    if include_usage:
-        chunk["usage"] = None
-    return chunk
+    return _chunk(meta, "chat.completion.chunk", {"index": index, "delta": delta,
+                  "logprobs": logprobs, "finish_reason": finish_reason}, include_usage)
 
 
 def chat_body(meta: ResponseMeta, table: TokenTable, choices: list[ChoiceResult],
               usage: dict[str, Any], want_logprobs: bool) -> dict[str, Any]:
-    return {"id": meta.id, "object": "chat.completion", "created": meta.created,
-            "model": meta.model,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
-                         "logprobs": (chat_logprobs(table, c.logprobs, meta.top_logprobs)
-                                      if want_logprobs else None),
-                         "finish_reason": c.finish_reason}
-                        for i, c in enumerate(choices)],
-            "usage": usage}
+    return _envelope(meta, "chat.completion", [
+        {"index": i, "message": {"role": "assistant", "content": c.text},
+         "logprobs": (chat_logprobs(table, c.logprobs, meta.top_logprobs)
+                      if want_logprobs else None),
+         "finish_reason": c.finish_reason}
+        for i, c in enumerate(choices)], usage=usage)
 
 
 # ------------------------------------------------------------------ completions
@@ -99,27 +92,32 @@ def chat_body(meta: ResponseMeta, table: TokenTable, choices: list[ChoiceResult]
 def completion_chunk(meta: ResponseMeta, index: int, text: str, *,
                      logprobs: dict[str, Any] | None = None, finish_reason: str | None = None,
                      include_usage: bool = False) -> dict[str, Any]:
-    chunk = {"id": meta.id, "object": "text_completion", "created": meta.created,
-             "model": meta.model,
-             "choices": [{"index": index, "text": text, "logprobs": logprobs,
-                          "finish_reason": finish_reason}]}
-    if include_usage:
-        chunk["usage"] = None
-    return chunk
+    return _chunk(meta, "text_completion", {"index": index, "text": text,
+                  "logprobs": logprobs, "finish_reason": finish_reason}, include_usage)
 
 
 def completion_body(meta: ResponseMeta, table: TokenTable, choices: list[ChoiceResult],
                     usage: dict[str, Any], want_logprobs: bool) -> dict[str, Any]:
-    return {"id": meta.id, "object": "text_completion", "created": meta.created,
-            "model": meta.model,
-            "choices": [{"index": i, "text": c.text,
-                         "logprobs": (completion_logprobs(table, c.logprobs, meta.top_logprobs)
-                                      if want_logprobs else None),
-                         "finish_reason": c.finish_reason}
-                        for i, c in enumerate(choices)],
-            "usage": usage}
+    return _envelope(meta, "text_completion", [
+        {"index": i, "text": c.text,
+         "logprobs": (completion_logprobs(table, c.logprobs, meta.top_logprobs)
+                      if want_logprobs else None),
+         "finish_reason": c.finish_reason}
+        for i, c in enumerate(choices)], usage=usage)
 
 
 def usage_chunk(meta: ResponseMeta, obj: str, usage: dict[str, Any]) -> dict[str, Any]:
+    return _envelope(meta, obj, [], usage=usage)
+
+
+def _envelope(meta: ResponseMeta, obj: str, choices: list[dict[str, Any]],
+              **extra: Any) -> dict[str, Any]:
+    """The fields every response and chunk starts with, then `extra` (usage)."""
     return {"id": meta.id, "object": obj, "created": meta.created, "model": meta.model,
-            "choices": [], "usage": usage}
+            "choices": choices, **extra}
+
+
+def _chunk(meta: ResponseMeta, obj: str, choice: dict[str, Any],
+           include_usage: bool) -> dict[str, Any]:
+    """A streamed chunk of one choice; `usage: null` when the client asked for usage."""
+    return _envelope(meta, obj, [choice], **({"usage": None} if include_usage else {}))
