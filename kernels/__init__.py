@@ -24,6 +24,7 @@ from tscompile.kernels.registry import REGISTRY, Query, direct_ops
 from tscompile.kernels.rope import rope, rope_cos_sin_cache
 from tscompile.kernels.sample import sample
 from tscompile.kernels import triton as _triton_backends  # noqa: E402,F401  (registers "triton")
+from tscompile.kernels import cuda as _cuda_backends  # noqa: E402,F401  (registers "cuda")
 
 __all__ = [
     "AttentionMetadata", "REGISTRY", "Query", "all_gather", "all_reduce",

@@ -128,6 +128,12 @@ def _check_weights(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Ten
                          f"qk_rope_head_dim={q_pe.shape[-1]}")
 
 
+def _decode_shape(q: torch.Tensor, kv_cache: torch.Tensor, rank: int) -> dict[str, int]:
+    """The shape facts a decode backend is selected by (registry Query keys)."""
+    return dict(kv_lora_rank=rank, rope_dim=kv_cache.shape[-1] - rank, heads=q.shape[1],
+                page_size=kv_cache.shape[1], cache_itemsize=kv_cache.element_size())
+
+
 @kernel_op("mla_decode")
 def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                seq_lens: torch.Tensor, scale: float, kv_lora_rank: int) -> torch.Tensor:
@@ -138,7 +144,7 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tens
     if not 0 < kv_lora_rank < r:
         raise ValueError(f"mla_decode: kv_lora_rank={kv_lora_rank} must be in (0, {r})")
     return dispatch("mla_decode", q, kv_cache, block_tables, seq_lens, scale, kv_lora_rank,
-                    kv_lora_rank=kv_lora_rank, rope_dim=r - kv_lora_rank)
+                    **_decode_shape(q, kv_cache, kv_lora_rank))
 
 
 @mla_decode.register_fake
@@ -183,7 +189,7 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_c: torch.Tensor,
         q = torch.cat([q_lat, q_pe[:num_decodes].to(q_lat.dtype)], dim=-1)  # [nd, H, R]
         lat = dispatch("mla_decode", q, kv_cache, block_tables[:num_decodes],
                        seq_lens[:num_decodes], scale, rank,
-                       kv_lora_rank=rank, rope_dim=q_pe.shape[-1])            # [nd, H, L]
+                       **_decode_shape(q, kv_cache, rank))                    # [nd, H, L]
         out[:num_decodes] = torch.einsum("thc,hcv->thv", lat, w_vc)           # W_UV after
     if num_decodes < seq_lens.shape[0]:
         qsl = query_start_loc[num_decodes:] - num_decodes

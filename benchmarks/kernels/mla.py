@@ -56,11 +56,16 @@ def _cache(tokens: list[int], device, seed: int):
     return cache, bt
 
 
-def decode_case(batch: int, context: int, heads: int, q_len: int = 1) -> dict:
+def decode_case(batch: int, context: int, heads: int, q_len: int = 1,
+                backend: str = "triton") -> dict:
+    """`backend` "triton" (kernels/triton/mla.py) or "cuda" (kernels/cuda/mla.py, sm_90a)."""
     rows = q_len * heads
 
     def build(device, **launch):
-        from tscompile.kernels.triton import mla as tmla
+        if backend == "cuda":
+            from tscompile.kernels.cuda import mla as tmla
+        else:
+            from tscompile.kernels.triton import mla as tmla
 
         cache, bt = _cache([context] * batch, device, seed=batch * context + rows)
         seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
@@ -71,7 +76,8 @@ def decode_case(batch: int, context: int, heads: int, q_len: int = 1) -> dict:
         q = torch.randn(batch, q_len, heads, ROW, device=device, dtype=torch.bfloat16)
         return lambda: tmla.mla_decode_folded(q, cache, bt, seq_lens, scale, RANK, **launch)
 
-    name = f"mla_decode h{heads} q{q_len} {batch}x{context // 1024}K"
+    name = f"mla_decode h{heads} q{q_len} {batch}x{context // 1024}K" + (
+        f" [{backend}]" if backend != "triton" else "")
     return dict(
         name=name, op="mla_decode" if q_len == 1 else "mla_decode_folded",
         shapes=dict(batch=batch, context=context, heads=heads, q_len=q_len,
@@ -125,6 +131,10 @@ CASES: list[dict] = [
     *[decode_case(b, 80 * 1024, 16, q_len=q) for b in (4, 8, 16) for q in (1, 4)],
     decode_case(8, 80 * 1024, 16, q_len=2),
     prefill_case(4096, 64 * 1024, 16),
+    # the sm_90a kernel (Hopper only): 128 heads and the folded q_len 2 / 4 rows
+    decode_case(32, 32 * 1024, 128, backend="cuda"),
+    *[decode_case(b, 80 * 1024, 16, q_len=4, backend="cuda") for b in (4, 8, 16)],
+    decode_case(8, 80 * 1024, 16, q_len=2, backend="cuda"),
 ]
 
 # Launch variants tried by --sweep, by rows per sequence (M = q_len * heads) for decode.
@@ -190,9 +200,11 @@ def main(argv: list[str] | None = None) -> None:
             for cfg in PREFILL_SWEEP:
                 run(case, cfg)
     for b in (4, 8, 16):
-        one, four = (times.get(f"mla_decode h16 q{q} {b}x80K") for q in (1, 4))
-        if one and four:
-            print(f"q_len 4 / q_len 1 time at batch {b} x 80K: {four / one:.2f}")
+        one = times.get(f"mla_decode h16 q1 {b}x80K")
+        for tag in ("", " [cuda]"):
+            four = times.get(f"mla_decode h16 q4 {b}x80K{tag}")
+            if one and four:
+                print(f"q_len 4{tag} / q_len 1 time at batch {b} x 80K: {four / one:.2f}")
     try:  # registers and spills of the compiled decode kernels (Triton's launcher cache)
         from tscompile.kernels.triton import mla as tmla
 

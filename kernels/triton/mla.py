@@ -313,12 +313,19 @@ def decode_rows(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Ten
         IS_FP32=q.dtype == torch.float32, num_warps=nw, num_stages=ns,
     )
     if splits > 1:
-        _decode_reduce_kernel[(rows, batch)](
-            part_o, part_lse, out, out.stride(0), out.stride(1), splits, RANK=kv_lora_rank,
-            BLOCK_S=triton.next_power_of_2(splits), BLOCK_L=block_l,
-            num_warps=4,
-        )
+        reduce_partials(part_o, part_lse, out)
     return out
+
+
+def reduce_partials(part_o: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor) -> None:
+    """out [B, M, L] <- the S split partials o [B, M, S, L] fp32 and lse [B, M, S] (log2
+    units, -inf for an empty split), weighted by exp2(lse). Also the CUDA decode's merge."""
+    batch, rows, splits, rank = part_o.shape
+    _decode_reduce_kernel[(rows, batch)](
+        part_o, part_lse, out, out.stride(0), out.stride(1), splits, RANK=rank,
+        BLOCK_S=triton.next_power_of_2(splits),
+        BLOCK_L=max(16, triton.next_power_of_2(rank)), num_warps=4,
+    )
 
 
 def mla_decode_folded(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
