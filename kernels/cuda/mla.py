@@ -63,14 +63,14 @@ def _launcher():
     fn = lib.tsc_mla_decode_sm90
     p, i64, i32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int
     fn.argtypes = [p, i64, i64, p, i64, p, i64, p, p, i64, i64, p, p, ctypes.c_float,
-                   i32, i32, i32, i32, i32, i32, p]
+                   i32, i32, i32, i32, i32, i32, i32, p]
     fn.restype = ctypes.c_int
     return fn
 
 
 def decode_rows(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                 seq_lens: torch.Tensor, scale: float, kv_lora_rank: int, *, q_len: int = 1,
-                splits: int | None = None) -> torch.Tensor:
+                splits: int | None = None, variant: int = 3) -> torch.Tensor:
     """q [B, M = q_len * H, 576] bf16 (row m: token m // H, head m % H) -> [B, M, 512]."""
     from ..triton import mla as tmla
 
@@ -112,7 +112,7 @@ def decode_rows(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Ten
         kv_cache.shape[0] * page_size, block_tables.data_ptr(), block_tables.stride(0),
         seq_lens.data_ptr(), out.data_ptr(), out.stride(0), out.stride(1),
         part_o.data_ptr(), part_lse.data_ptr(), scale * _LOG2E, batch, rows, rows // q_len,
-        q_len, splits, page_size, torch.cuda.current_stream(q.device).cuda_stream)
+        q_len, splits, page_size, variant, torch.cuda.current_stream(q.device).cuda_stream)
     if err:
         raise RuntimeError(f"mla decode (cuda) launch failed: error {err}")
     if splits > 1:

@@ -362,6 +362,275 @@ __global__ void __launch_bounds__(THREADS, 1)
   }
 }
 
+
+// ---- v2: three warpgroups ----------------------------------------------------------------
+// WG0 only computes QK and the softmax; WG1 / WG2 each own one 256-column half of O (A = P
+// from shared memory), so PV of tile t overlaps QK of tile t + 1; WG2's first thread is the
+// producer. QREG: WG0 holds its 64 x 576 Q rows as wgmma A fragments (144 registers), the QK
+// reads only K from shared memory, and the freed 72 KB hold a third stage (setmaxnreg: WG0
+// 192 registers, WG1/WG2 160). Otherwise Q stays in shared memory with two stages.
+constexpr int THREADS3 = 384;
+constexpr int OFF3_P = 3 * TILE, OFF3_F = OFF3_P + PANEL, OFF3_BAR = OFF3_F + 3 * 64 * 4;
+constexpr int SMEM3_BYTES = OFF3_BAR + 2 * 3 * 8 + 1024;
+
+DEV void bar_sync_n(int id, int n) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
+DEV void bar_arrive_n(int id, int n) { asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
+
+template <int STAGES3>
+DEV void load_tile3(const CUtensorMap* map, const Params& p, const int* bt, int start, int end,
+                    int t, uint32_t kv, uint32_t full) {
+  const int n0 = start + t * BN;
+  const int stage = t % STAGES3;
+  const int parts = BN / p.box_rows;
+  int issued = 0;
+  for (int part = 0; part < parts; ++part) issued += (n0 + part * p.box_rows < end);
+  mbar_expect_tx(full + 8 * stage, issued * p.box_rows * WIDTH * 2);
+  for (int part = 0; part < issued; ++part) {
+    const int pos = n0 + part * p.box_rows;
+    const int row = bt[pos / p.page_size] * p.page_size + pos % p.page_size;
+    const uint32_t dst = kv + stage * TILE + part * p.box_rows * 128;
+#pragma unroll
+    for (int pn = 0; pn < PANELS; ++pn) tma_2d(dst + pn * PANEL, map, full + 8 * stage, pn * 64, row);
+  }
+}
+
+template <bool QREG>
+__global__ void __launch_bounds__(THREADS3, 1)
+    mla_decode_sm90_ws3_kernel(const __grid_constant__ CUtensorMap kv_map, const Params p) {
+  constexpr int STAGES3 = QREG ? 3 : 2;
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t raw = smem_u32(smem_raw);
+  uint8_t* smem = smem_raw + (((raw + 1023) & ~1023u) - raw);
+  uint8_t* kv_smem = smem + (QREG ? 0 : TILE);
+  const uint32_t s_q = smem_u32(smem), s_kv = smem_u32(kv_smem), s_p = s_q + OFF3_P;
+  float* s_alpha = reinterpret_cast<float*>(smem + OFF3_F);
+  float* s_l = s_alpha + 64;
+  float* s_m = s_l + 64;
+  const uint32_t full = s_q + OFF3_BAR, empty = full + 8 * STAGES3;
+
+  const int grp = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x, wg = tid / 128, lane = tid % 32, quad = lane % 4;
+  const int r0 = ((tid % 128) / 32) * 16 + lane / 4, r1 = r0 + 8;
+  const int seq_len = p.seq_lens[b];
+  const int chunk = ((seq_len + p.splits - 1) / p.splits + BN - 1) / BN * BN;
+  const int start = split * chunk;
+  const int end = min(start + chunk, seq_len);
+  const int ntiles = end > start ? (end - start + BN - 1) / BN : 0;
+  const int* bt = p.block_tables + b * p.stride_btb;
+  const int g0 = grp * 64 + r0, g1 = grp * 64 + r1;
+
+  if (tid == 0) {
+    for (int s = 0; s < STAGES3; ++s) {
+      mbar_init(full + 8 * s, 1);
+      mbar_init(empty + 8 * s, 12);          // every warp of the three warpgroups
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  if constexpr (!QREG) {                     // Q -> shared memory, as in the v1 kernel
+    for (int i = tid; i < 64 * (WIDTH / 8); i += THREADS3) {
+      const int r = i / (WIDTH / 8), c = i % (WIDTH / 8), row = grp * 64 + r;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (row < p.rows)
+        v = __ldg(reinterpret_cast<const uint4*>(p.q + b * p.stride_qb + row * p.stride_qm) + c);
+      *reinterpret_cast<uint4*>(smem + (c / 8) * PANEL + r * 128 + (((c % 8) ^ (r & 7)) << 4)) = v;
+    }
+    fence_async_smem();
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    // Q rows as A fragments: k-chunk kk holds (r0, 16kk + 2q..+1), (r1, same),
+    // (r0, 16kk + 8 + 2q..+1), (r1, same).
+    uint32_t qa[QREG ? WIDTH / 16 : 1][4];
+    if constexpr (QREG) {
+      asm volatile("setmaxnreg.inc.sync.aligned.u32 192;\n" ::: "memory");
+      const __nv_bfloat16* q0 = p.q + b * p.stride_qb + (long long)g0 * p.stride_qm + 2 * quad;
+      const __nv_bfloat16* q1 = p.q + b * p.stride_qb + (long long)g1 * p.stride_qm + 2 * quad;
+#pragma unroll
+      for (int kk = 0; kk < WIDTH / 16; ++kk) {
+        qa[kk][0] = g0 < p.rows ? __ldg(reinterpret_cast<const uint32_t*>(q0 + 16 * kk)) : 0u;
+        qa[kk][1] = g1 < p.rows ? __ldg(reinterpret_cast<const uint32_t*>(q1 + 16 * kk)) : 0u;
+        qa[kk][2] = g0 < p.rows ? __ldg(reinterpret_cast<const uint32_t*>(q0 + 16 * kk + 8)) : 0u;
+        qa[kk][3] = g1 < p.rows ? __ldg(reinterpret_cast<const uint32_t*>(q1 + 16 * kk + 8)) : 0u;
+      }
+    }
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+    float sc[32];
+#pragma unroll
+    for (int i = 0; i < 32; ++i) sc[i] = 0.f;
+    for (int t = 0; t < ntiles; ++t) {
+      const int stage = t % STAGES3;
+      const uint32_t parity = (t / STAGES3) & 1;
+      const int n0 = start + t * BN;
+      const uint32_t kv = s_kv + stage * TILE;
+      mbar_wait(full + 8 * stage, parity);
+      if (end - n0 < BN) {                   // the split's last, partial tile: WG0 zeroes it
+        const int valid = end - n0, n = PANELS * (BN - valid) * 8;
+        for (int i = tid; i < n; i += 128) {
+          const int pn = i / ((BN - valid) * 8), rem = i % ((BN - valid) * 8);
+          *reinterpret_cast<uint4*>(kv_smem + stage * TILE + pn * PANEL + (valid + rem / 8) * 128 +
+                                    (rem % 8) * 16) = make_uint4(0, 0, 0, 0);
+        }
+        fence_async_smem();
+        bar_sync_n(5, 128);
+      }
+      wg_fence();
+#pragma unroll
+      for (int kk = 0; kk < WIDTH / 16; ++kk) {
+        const uint32_t off = (kk / 4) * PANEL + (kk % 4) * 32;
+        if constexpr (QREG)
+          wgmma_m64n64k16_rs(sc, qa[kk], desc_k(kv + off), kk > 0);
+        else
+          wgmma_m64n64k16_ss(sc, desc_k(s_q + off), desc_k(kv + off), kk > 0);
+      }
+      wg_commit();
+      wg_wait0();
+      fence_regs(sc);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(empty + 8 * stage);   // WG0 is done reading this stage
+      if (n0 + BN > end || (p.q_len > 1 && n0 + BN > seq_len - p.q_len + 1)) {
+        const int base = seq_len - p.q_len + 1;
+        const int lim0 = min(end, base + g0 / p.heads), lim1 = min(end, base + g1 / p.heads);
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int pos = n0 + 8 * j + 2 * quad + e;
+            if (pos >= lim0) sc[4 * j + e] = -INFINITY;
+            if (pos >= lim1) sc[4 * j + 2 + e] = -INFINITY;
+          }
+      }
+      float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        mx0 = fmaxf(mx0, fmaxf(sc[4 * j], sc[4 * j + 1]));
+        mx1 = fmaxf(mx1, fmaxf(sc[4 * j + 2], sc[4 * j + 3]));
+      }
+#pragma unroll
+      for (int o = 1; o <= 2; o <<= 1) {
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, o));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, o));
+      }
+      const float mn0 = fmaxf(m0, mx0 * p.qk_scale), mn1 = fmaxf(m1, mx1 * p.qk_scale);
+      const float ms0 = mn0 == -INFINITY ? 0.f : mn0, ms1 = mn1 == -INFINITY ? 0.f : mn1;
+      const float a0 = exp2f(m0 - ms0), a1 = exp2f(m1 - ms1);
+      m0 = mn0;
+      m1 = mn1;
+      float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          sc[4 * j + e] = exp2f(fmaf(sc[4 * j + e], p.qk_scale, -ms0));
+          sc[4 * j + 2 + e] = exp2f(fmaf(sc[4 * j + 2 + e], p.qk_scale, -ms1));
+          sum0 += sc[4 * j + e];
+          sum1 += sc[4 * j + 2 + e];
+        }
+      l0 = l0 * a0 + sum0;
+      l1 = l1 * a1 + sum1;
+      if (t > 0) bar_sync_n(2, THREADS3);    // WG1 and WG2 are done with P and alpha of t - 1
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(s_p + r0 * 128 + ((j ^ (r0 & 7)) << 4) + 4 * quad),
+                     "r"(pack_bf16(sc[4 * j], sc[4 * j + 1])) : "memory");
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(s_p + r1 * 128 + ((j ^ (r1 & 7)) << 4) + 4 * quad),
+                     "r"(pack_bf16(sc[4 * j + 2], sc[4 * j + 3])) : "memory");
+      }
+      if (quad == 0) {
+        s_alpha[r0] = a0;
+        s_alpha[r1] = a1;
+      }
+      fence_async_smem();
+      bar_arrive_n(1, THREADS3);
+    }
+#pragma unroll
+    for (int o = 1; o <= 2; o <<= 1) {
+      l0 += __shfl_xor_sync(0xffffffff, l0, o);
+      l1 += __shfl_xor_sync(0xffffffff, l1, o);
+    }
+    if (quad == 0) {
+      s_l[r0] = l0;
+      s_l[r1] = l1;
+      s_m[r0] = m0;
+      s_m[r1] = m1;
+      if (p.splits > 1) {
+        const long long i0 = ((long long)b * p.rows + g0) * p.splits + split;
+        const long long i1 = ((long long)b * p.rows + g1) * p.splits + split;
+        if (g0 < p.rows) p.part_lse[i0] = l0 > 0.f ? m0 + log2f(l0) : -INFINITY;
+        if (g1 < p.rows) p.part_lse[i1] = l1 > 0.f ? m1 + log2f(l1) : -INFINITY;
+      }
+    }
+    bar_arrive_n(3, THREADS3);
+  } else {
+    if constexpr (QREG) asm volatile("setmaxnreg.dec.sync.aligned.u32 160;\n" ::: "memory");
+    const int half = wg - 1;                 // columns [256 * half, 256 * half + 256)
+    if (tid == 256)
+      for (int t = 0; t < min(STAGES3, ntiles); ++t)
+        load_tile3<STAGES3>(&kv_map, p, bt, start, end, t, s_kv, full);
+    float acc[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) acc[i] = 0.f;
+    for (int t = 0; t < ntiles; ++t) {
+      const int stage = t % STAGES3;
+      const uint32_t parity = (t / STAGES3) & 1;
+      const uint32_t kv = s_kv + stage * TILE;
+      mbar_wait(full + 8 * stage, parity);
+      bar_sync_n(1, THREADS3);               // P and alpha of tile t
+      const float a0 = s_alpha[r0], a1 = s_alpha[r1];
+#pragma unroll
+      for (int j = 0; j < 32; ++j) {
+        acc[4 * j] *= a0;
+        acc[4 * j + 1] *= a0;
+        acc[4 * j + 2] *= a1;
+        acc[4 * j + 3] *= a1;
+      }
+      wg_fence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+        wgmma_m64n256k16_ss_tb(acc, desc_k(s_p + kk * 32),
+                               desc_mn(kv + half * 4 * PANEL + kk * 2048));
+      wg_commit();
+      wg_wait0();
+      fence_regs(acc);
+      if (t + 1 < ntiles) bar_arrive_n(2, THREADS3);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(empty + 8 * stage);
+      if (tid == 256 && t + STAGES3 < ntiles) {   // the producer refills this stage
+        mbar_wait(empty + 8 * stage, parity);
+        load_tile3<STAGES3>(&kv_map, p, bt, start, end, t + STAGES3, s_kv, full);
+      }
+      __syncwarp();
+    }
+    bar_sync_n(3, THREADS3);
+    const float l0 = s_l[r0], l1 = s_l[r1];
+    const float inv0 = l0 > 0.f ? 1.f / l0 : 1.f, inv1 = l1 > 0.f ? 1.f / l1 : 1.f;
+    const int col0 = half * 256 + 2 * quad;
+    if (p.splits == 1) {
+      __nv_bfloat16* o0 = p.out + b * p.stride_ob + (long long)g0 * p.stride_om + col0;
+      __nv_bfloat16* o1 = p.out + b * p.stride_ob + (long long)g1 * p.stride_om + col0;
+#pragma unroll
+      for (int j = 0; j < 32; ++j) {
+        if (g0 < p.rows)
+          *reinterpret_cast<uint32_t*>(o0 + 8 * j) = pack_bf16(acc[4 * j] * inv0, acc[4 * j + 1] * inv0);
+        if (g1 < p.rows)
+          *reinterpret_cast<uint32_t*>(o1 + 8 * j) = pack_bf16(acc[4 * j + 2] * inv1, acc[4 * j + 3] * inv1);
+      }
+    } else {
+      const long long i0 = ((long long)b * p.rows + g0) * p.splits + split;
+      const long long i1 = ((long long)b * p.rows + g1) * p.splits + split;
+#pragma unroll
+      for (int j = 0; j < 32; ++j) {
+        if (g0 < p.rows)
+          *reinterpret_cast<float2*>(p.part_o + i0 * RANK + col0 + 8 * j) =
+              make_float2(acc[4 * j] * inv0, acc[4 * j + 1] * inv0);
+        if (g1 < p.rows)
+          *reinterpret_cast<float2*>(p.part_o + i1 * RANK + col0 + 8 * j) =
+              make_float2(acc[4 * j + 2] * inv1, acc[4 * j + 3] * inv1);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 using PFN_encode = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
@@ -379,11 +648,17 @@ extern "C" int tsc_mla_decode_sm90(const void* q, long long stride_qb, long long
                                    long long stride_ob, long long stride_om, float* part_o,
                                    float* part_lse, float qk_scale, int batch, int rows,
                                    int heads, int q_len, int splits, int page_size,
-                                   void* stream) {
+                                   int variant, void* stream) {
   static bool attr_set = false;
   if (!attr_set) {
     cudaError_t err = cudaFuncSetAttribute(mla_decode_sm90_kernel,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES);
+    if (err != cudaSuccess) return err;
+    err = cudaFuncSetAttribute(mla_decode_sm90_ws3_kernel<true>,
+                               cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM3_BYTES);
+    if (err != cudaSuccess) return err;
+    err = cudaFuncSetAttribute(mla_decode_sm90_ws3_kernel<false>,
+                               cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM3_BYTES);
     if (err != cudaSuccess) return err;
     attr_set = true;
   }
@@ -429,6 +704,11 @@ extern "C" int tsc_mla_decode_sm90(const void* q, long long stride_qb, long long
   p.page_size = page_size;
   p.box_rows = box_rows;
   dim3 grid((rows + 63) / 64, splits, batch);
-  mla_decode_sm90_kernel<<<grid, THREADS, SMEM_BYTES, static_cast<cudaStream_t>(stream)>>>(map, p);
+  if (variant == 3)
+    mla_decode_sm90_ws3_kernel<true><<<grid, THREADS3, SMEM3_BYTES, static_cast<cudaStream_t>(stream)>>>(map, p);
+  else if (variant == 2)
+    mla_decode_sm90_ws3_kernel<false><<<grid, THREADS3, SMEM3_BYTES, static_cast<cudaStream_t>(stream)>>>(map, p);
+  else
+    mla_decode_sm90_kernel<<<grid, THREADS, SMEM_BYTES, static_cast<cudaStream_t>(stream)>>>(map, p);
   return cudaGetLastError();
 }
