@@ -138,6 +138,17 @@ DEV void zero_tail(uint8_t* tile, int valid, int tid) {
   }
 }
 
+// Q rows of row group `grp` -> shared memory, 128B-swizzled panels; rows past M are zero.
+DEV void load_q(uint8_t* smem, const Params& p, int grp, int b, int tid, int nthreads) {
+  for (int i = tid; i < 64 * (WIDTH / 8); i += nthreads) {
+    const int r = i / (WIDTH / 8), c = i % (WIDTH / 8), row = grp * 64 + r;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (row < p.rows)
+      v = __ldg(reinterpret_cast<const uint4*>(p.q + b * p.stride_qb + row * p.stride_qm) + c);
+    *reinterpret_cast<uint4*>(smem + (c / 8) * PANEL + r * 128 + (((c % 8) ^ (r & 7)) << 4)) = v;
+  }
+}
+
 __global__ void __launch_bounds__(THREADS, 1)
     mla_decode_sm90_kernel(const __grid_constant__ CUtensorMap kv_map, const Params p) {
   extern __shared__ uint8_t smem_raw[];
@@ -170,14 +181,7 @@ __global__ void __launch_bounds__(THREADS, 1)
   if (tid == 128)
     for (int t = 0; t < min(2, ntiles); ++t) load_tile(&kv_map, p, bt, start, end, t, s_kv, full);
 
-  // Q rows of this group -> shared memory, 128B-swizzled panels; rows past M are zero.
-  for (int i = tid; i < 64 * (WIDTH / 8); i += THREADS) {
-    const int r = i / (WIDTH / 8), c = i % (WIDTH / 8), row = grp * 64 + r;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (row < p.rows)
-      v = __ldg(reinterpret_cast<const uint4*>(p.q + b * p.stride_qb + row * p.stride_qm) + c);
-    *reinterpret_cast<uint4*>(smem + (c / 8) * PANEL + r * 128 + (((c % 8) ^ (r & 7)) << 4)) = v;
-  }
+  load_q(smem, p, grp, b, tid, THREADS);
   fence_async_smem();
   __syncthreads();
 
@@ -365,10 +369,11 @@ __global__ void __launch_bounds__(THREADS, 1)
 
 // ---- v2: three warpgroups ----------------------------------------------------------------
 // WG0 only computes QK and the softmax; WG1 / WG2 each own one 256-column half of O (A = P
-// from shared memory), so PV of tile t overlaps QK of tile t + 1; WG2's first thread is the
-// producer. QREG: WG0 holds its 64 x 576 Q rows as wgmma A fragments (144 registers), the QK
-// reads only K from shared memory, and the freed 72 KB hold a third stage (setmaxnreg: WG0
-// 192 registers, WG1/WG2 160). Otherwise Q stays in shared memory with two stages.
+// from shared memory), so PV of tile t overlaps QK of tile t + 1 on the tensor cores; WG2's
+// first thread is the producer. Shared memory as in v1 (Q, two K stages, P).
+// (Tried and dropped: Q held in WG0's registers as wgmma A fragments with a third K stage in
+// the freed 72 KB; 144 Q + 32 score registers left WG0 spilling under setmaxnreg 192/160,
+// ptxas serialised its wgmma, and the kernel hung on the H100.)
 constexpr int THREADS3 = 384;
 constexpr int OFF3_P = 3 * TILE, OFF3_F = OFF3_P + PANEL, OFF3_BAR = OFF3_F + 3 * 64 * 4;
 constexpr int SMEM3_BYTES = OFF3_BAR + 2 * 3 * 8 + 1024;
@@ -376,7 +381,7 @@ constexpr int SMEM3_BYTES = OFF3_BAR + 2 * 3 * 8 + 1024;
 DEV void bar_sync_n(int id, int n) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
 DEV void bar_arrive_n(int id, int n) { asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
 
-template <int STAGES3>
+constexpr int STAGES3 = 2;
 DEV void load_tile3(const CUtensorMap* map, const Params& p, const int* bt, int start, int end,
                     int t, uint32_t kv, uint32_t full) {
   const int n0 = start + t * BN;
@@ -397,11 +402,10 @@ DEV void load_tile3(const CUtensorMap* map, const Params& p, const int* bt, int 
 template <bool QREG>
 __global__ void __launch_bounds__(THREADS3, 1)
     mla_decode_sm90_ws3_kernel(const __grid_constant__ CUtensorMap kv_map, const Params p) {
-  constexpr int STAGES3 = QREG ? 3 : 2;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw = smem_u32(smem_raw);
   uint8_t* smem = smem_raw + (((raw + 1023) & ~1023u) - raw);
-  uint8_t* kv_smem = smem + (QREG ? 0 : TILE);
+  uint8_t* kv_smem = smem + TILE;
   const uint32_t s_q = smem_u32(smem), s_kv = smem_u32(kv_smem), s_p = s_q + OFF3_P;
   float* s_alpha = reinterpret_cast<float*>(smem + OFF3_F);
   float* s_l = s_alpha + 64;
@@ -426,33 +430,27 @@ __global__ void __launch_bounds__(THREADS3, 1)
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
-  if constexpr (!QREG) {                     // Q -> shared memory, as in the v1 kernel
-    for (int i = tid; i < 64 * (WIDTH / 8); i += THREADS3) {
-      const int r = i / (WIDTH / 8), c = i % (WIDTH / 8), row = grp * 64 + r;
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (row < p.rows)
-        v = __ldg(reinterpret_cast<const uint4*>(p.q + b * p.stride_qb + row * p.stride_qm) + c);
-      *reinterpret_cast<uint4*>(smem + (c / 8) * PANEL + r * 128 + (((c % 8) ^ (r & 7)) << 4)) = v;
-    }
-    fence_async_smem();
-  }
+  load_q(smem, p, grp, b, tid, THREADS3);
+  fence_async_smem();
   __syncthreads();
 
   if (wg == 0) {
-    // Q rows as A fragments: k-chunk kk holds (r0, 16kk + 2q..+1), (r1, same),
-    // (r0, 16kk + 8 + 2q..+1), (r1, same).
-    uint32_t qa[QREG ? WIDTH / 16 : 1][4];
+    // QREG: Q's first 7 panels (k-chunks 0..27) as wgmma A fragments: chunk kk holds
+    // (r0, 16kk + 2q..+1), (r1, same), (r0, 16kk + 8 + 2q..+1), (r1, same); the last two
+    // panels are read from shared memory (8 in registers spilled and serialised the wgmma). The launch holds 168 x 384 registers: WG0 takes 184, WG1/WG2
+    // 160 (184 + 2 x 160 = 3 x 168; asking for more than the launch holds never returns).
+    constexpr int QK_REG = QREG ? 28 : 0;   // 7 of 9 panels (8 spill)
+    uint32_t qa[QREG ? QK_REG : 1][4];
     if constexpr (QREG) {
-      asm volatile("setmaxnreg.inc.sync.aligned.u32 192;\n" ::: "memory");
-      const __nv_bfloat16* q0 = p.q + b * p.stride_qb + (long long)g0 * p.stride_qm + 2 * quad;
-      const __nv_bfloat16* q1 = p.q + b * p.stride_qb + (long long)g1 * p.stride_qm + 2 * quad;
+      asm volatile("setmaxnreg.inc.sync.aligned.u32 184;\n" ::: "memory");
 #pragma unroll
-      for (int kk = 0; kk < WIDTH / 16; ++kk) {
-        qa[kk][0] = g0 < p.rows ? __ldg(reinterpret_cast<const uint32_t*>(q0 + 16 * kk)) : 0u;
-        qa[kk][1] = g1 < p.rows ? __ldg(reinterpret_cast<const uint32_t*>(q1 + 16 * kk)) : 0u;
-        qa[kk][2] = g0 < p.rows ? __ldg(reinterpret_cast<const uint32_t*>(q0 + 16 * kk + 8)) : 0u;
-        qa[kk][3] = g1 < p.rows ? __ldg(reinterpret_cast<const uint32_t*>(q1 + 16 * kk + 8)) : 0u;
-      }
+      for (int kk = 0; kk < QK_REG; ++kk)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int r = i % 2 ? r1 : r0, c = 16 * kk + 8 * (i / 2) + 2 * quad;
+          qa[kk][i] = *reinterpret_cast<const uint32_t*>(
+              smem + (c / 64) * PANEL + r * 128 + ((((c % 64) / 8) ^ (r & 7)) << 4) + (c % 8) * 2);
+        }
     }
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
     float sc[32];
@@ -478,8 +476,8 @@ __global__ void __launch_bounds__(THREADS3, 1)
 #pragma unroll
       for (int kk = 0; kk < WIDTH / 16; ++kk) {
         const uint32_t off = (kk / 4) * PANEL + (kk % 4) * 32;
-        if constexpr (QREG)
-          wgmma_m64n64k16_rs(sc, qa[kk], desc_k(kv + off), kk > 0);
+        if (kk < QK_REG)
+          wgmma_m64n64k16_rs(sc, qa[kk < QK_REG ? kk : 0], desc_k(kv + off), kk > 0);
         else
           wgmma_m64n64k16_ss(sc, desc_k(s_q + off), desc_k(kv + off), kk > 0);
       }
@@ -566,7 +564,7 @@ __global__ void __launch_bounds__(THREADS3, 1)
     const int half = wg - 1;                 // columns [256 * half, 256 * half + 256)
     if (tid == 256)
       for (int t = 0; t < min(STAGES3, ntiles); ++t)
-        load_tile3<STAGES3>(&kv_map, p, bt, start, end, t, s_kv, full);
+        load_tile3(&kv_map, p, bt, start, end, t, s_kv, full);
     float acc[128];
 #pragma unroll
     for (int i = 0; i < 128; ++i) acc[i] = 0.f;
@@ -597,7 +595,7 @@ __global__ void __launch_bounds__(THREADS3, 1)
       if (lane == 0) mbar_arrive(empty + 8 * stage);
       if (tid == 256 && t + STAGES3 < ntiles) {   // the producer refills this stage
         mbar_wait(empty + 8 * stage, parity);
-        load_tile3<STAGES3>(&kv_map, p, bt, start, end, t + STAGES3, s_kv, full);
+        load_tile3(&kv_map, p, bt, start, end, t + STAGES3, s_kv, full);
       }
       __syncwarp();
     }
@@ -654,10 +652,10 @@ extern "C" int tsc_mla_decode_sm90(const void* q, long long stride_qb, long long
     cudaError_t err = cudaFuncSetAttribute(mla_decode_sm90_kernel,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES);
     if (err != cudaSuccess) return err;
-    err = cudaFuncSetAttribute(mla_decode_sm90_ws3_kernel<true>,
+    err = cudaFuncSetAttribute(mla_decode_sm90_ws3_kernel<false>,
                                cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM3_BYTES);
     if (err != cudaSuccess) return err;
-    err = cudaFuncSetAttribute(mla_decode_sm90_ws3_kernel<false>,
+    err = cudaFuncSetAttribute(mla_decode_sm90_ws3_kernel<true>,
                                cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM3_BYTES);
     if (err != cudaSuccess) return err;
     attr_set = true;
