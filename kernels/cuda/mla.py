@@ -99,6 +99,8 @@ def decode_rows(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Ten
         block_tables = block_tables.contiguous()
     seq_lens = seq_lens.to(torch.int32).contiguous()
     groups = -(-rows // 64)
+    if variant == 4 and groups % 2:
+        variant = 3                            # v4 pairs row groups: an odd count cannot pair
     if splits is None:
         splits = tmla.num_splits(batch, groups, block_tables.shape[1] * page_size, q.device,
                                  programs_per_sm=1)

@@ -381,9 +381,35 @@ constexpr int SMEM3_BYTES = OFF3_BAR + 2 * 3 * 8 + 1024;
 DEV void bar_sync_n(int id, int n) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
 DEV void bar_arrive_n(int id, int n) { asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
 
+DEV uint32_t cluster_rank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+DEV void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+// Arrive on the mbarrier at the same shared-memory offset in CTA `cta` of the cluster.
+DEV void mbar_arrive_cta(uint32_t bar, uint32_t cta) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(bar), "r"(cta));
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
+}
+// TMA into the same offsets of every CTA in `mask`, completing bytes on each one's `bar`.
+DEV void tma_2d_multicast(uint32_t dst, const CUtensorMap* map, uint32_t bar, int x, int y,
+                          uint16_t mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      ".multicast::cluster [%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(bar), "h"(mask) : "memory");
+}
+
 constexpr int STAGES3 = 2;
+// MCAST: this CTA issues panels [pn0, pn1) to both CTAs of its pair; its own barrier still
+// expects the whole tile (the peer's half completes on it too).
+template <bool MCAST>
 DEV void load_tile3(const CUtensorMap* map, const Params& p, const int* bt, int start, int end,
-                    int t, uint32_t kv, uint32_t full) {
+                    int t, uint32_t kv, uint32_t full, int pn0 = 0, int pn1 = PANELS) {
   const int n0 = start + t * BN;
   const int stage = t % STAGES3;
   const int parts = BN / p.box_rows;
@@ -394,12 +420,16 @@ DEV void load_tile3(const CUtensorMap* map, const Params& p, const int* bt, int 
     const int pos = n0 + part * p.box_rows;
     const int row = bt[pos / p.page_size] * p.page_size + pos % p.page_size;
     const uint32_t dst = kv + stage * TILE + part * p.box_rows * 128;
-#pragma unroll
-    for (int pn = 0; pn < PANELS; ++pn) tma_2d(dst + pn * PANEL, map, full + 8 * stage, pn * 64, row);
+    for (int pn = pn0; pn < pn1; ++pn) {
+      if constexpr (MCAST)
+        tma_2d_multicast(dst + pn * PANEL, map, full + 8 * stage, pn * 64, row, 0x3);
+      else
+        tma_2d(dst + pn * PANEL, map, full + 8 * stage, pn * 64, row);
+    }
   }
 }
 
-template <bool QREG>
+template <bool QREG, bool MCAST>
 __global__ void __launch_bounds__(THREADS3, 1)
     mla_decode_sm90_ws3_kernel(const __grid_constant__ CUtensorMap kv_map, const Params p) {
   extern __shared__ uint8_t smem_raw[];
@@ -422,17 +452,28 @@ __global__ void __launch_bounds__(THREADS3, 1)
   const int ntiles = end > start ? (end - start + BN - 1) / BN : 0;
   const int* bt = p.block_tables + b * p.stride_btb;
   const int g0 = grp * 64 + r0, g1 = grp * 64 + r1;
+  // MCAST: the CTAs of a cluster are row groups 2k and 2k + 1 of one split; a stage is free
+  // once every warp of BOTH has released it (each warp arrives on both CTAs' barrier).
+  const uint32_t peer = MCAST ? cluster_rank() ^ 1u : 0u;
+  const auto release = [&](int stage) {
+    mbar_arrive(empty + 8 * stage);
+    if constexpr (MCAST) mbar_arrive_cta(empty + 8 * stage, peer);
+  };
+  const int pn0 = MCAST ? (peer ? 0 : 5) : 0, pn1 = MCAST ? (peer ? 5 : PANELS) : PANELS;
 
   if (tid == 0) {
     for (int s = 0; s < STAGES3; ++s) {
       mbar_init(full + 8 * s, 1);
-      mbar_init(empty + 8 * s, 12);          // every warp of the three warpgroups
+      mbar_init(empty + 8 * s, MCAST ? 24 : 12);   // every warp of the three warpgroups
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   load_q(smem, p, grp, b, tid, THREADS3);
   fence_async_smem();
-  __syncthreads();
+  if constexpr (MCAST)
+    cluster_sync();                          // both CTAs' barriers exist before any TMA
+  else
+    __syncthreads();
 
   if (wg == 0) {
     // QREG: Q's first 7 panels (k-chunks 0..27) as wgmma A fragments: chunk kk holds
@@ -485,7 +526,7 @@ __global__ void __launch_bounds__(THREADS3, 1)
       wg_wait0();
       fence_regs(sc);
       __syncwarp();
-      if (lane == 0) mbar_arrive(empty + 8 * stage);   // WG0 is done reading this stage
+      if (lane == 0) release(stage);         // WG0 is done reading this stage
       if (n0 + BN > end || (p.q_len > 1 && n0 + BN > seq_len - p.q_len + 1)) {
         const int base = seq_len - p.q_len + 1;
         const int lim0 = min(end, base + g0 / p.heads), lim1 = min(end, base + g1 / p.heads);
@@ -564,7 +605,7 @@ __global__ void __launch_bounds__(THREADS3, 1)
     const int half = wg - 1;                 // columns [256 * half, 256 * half + 256)
     if (tid == 256)
       for (int t = 0; t < min(STAGES3, ntiles); ++t)
-        load_tile3(&kv_map, p, bt, start, end, t, s_kv, full);
+        load_tile3<MCAST>(&kv_map, p, bt, start, end, t, s_kv, full, pn0, pn1);
     float acc[128];
 #pragma unroll
     for (int i = 0; i < 128; ++i) acc[i] = 0.f;
@@ -592,10 +633,10 @@ __global__ void __launch_bounds__(THREADS3, 1)
       fence_regs(acc);
       if (t + 1 < ntiles) bar_arrive_n(2, THREADS3);
       __syncwarp();
-      if (lane == 0) mbar_arrive(empty + 8 * stage);
+      if (lane == 0) release(stage);
       if (tid == 256 && t + STAGES3 < ntiles) {   // the producer refills this stage
         mbar_wait(empty + 8 * stage, parity);
-        load_tile3(&kv_map, p, bt, start, end, t + STAGES3, s_kv, full);
+        load_tile3<MCAST>(&kv_map, p, bt, start, end, t + STAGES3, s_kv, full, pn0, pn1);
       }
       __syncwarp();
     }
@@ -627,6 +668,7 @@ __global__ void __launch_bounds__(THREADS3, 1)
       }
     }
   }
+  if constexpr (MCAST) cluster_sync();      // the peer may still arrive on our barriers
 }
 
 }  // namespace
@@ -652,12 +694,11 @@ extern "C" int tsc_mla_decode_sm90(const void* q, long long stride_qb, long long
     cudaError_t err = cudaFuncSetAttribute(mla_decode_sm90_kernel,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES);
     if (err != cudaSuccess) return err;
-    err = cudaFuncSetAttribute(mla_decode_sm90_ws3_kernel<false>,
-                               cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM3_BYTES);
-    if (err != cudaSuccess) return err;
-    err = cudaFuncSetAttribute(mla_decode_sm90_ws3_kernel<true>,
-                               cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM3_BYTES);
-    if (err != cudaSuccess) return err;
+    for (auto fn : {mla_decode_sm90_ws3_kernel<false, false>, mla_decode_sm90_ws3_kernel<true, false>,
+                    mla_decode_sm90_ws3_kernel<true, true>}) {
+      err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM3_BYTES);
+      if (err != cudaSuccess) return err;
+    }
     attr_set = true;
   }
   // The driver's tensor-map encoder through the runtime (no link against libcuda).
@@ -702,10 +743,26 @@ extern "C" int tsc_mla_decode_sm90(const void* q, long long stride_qb, long long
   p.page_size = page_size;
   p.box_rows = box_rows;
   dim3 grid((rows + 63) / 64, splits, batch);
-  if (variant == 3)
-    mla_decode_sm90_ws3_kernel<true><<<grid, THREADS3, SMEM3_BYTES, static_cast<cudaStream_t>(stream)>>>(map, p);
+  if (variant == 4) {                        // pairs of row groups in 2-CTA clusters
+    if (grid.x % 2) return cudaErrorInvalidValue;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(THREADS3);
+    cfg.dynamicSmemBytes = SMEM3_BYTES;
+    cfg.stream = static_cast<cudaStream_t>(stream);
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = 2;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    cudaError_t err = cudaLaunchKernelEx(&cfg, mla_decode_sm90_ws3_kernel<true, true>, map, p);
+    if (err != cudaSuccess) return err;
+  } else if (variant == 3)
+    mla_decode_sm90_ws3_kernel<true, false><<<grid, THREADS3, SMEM3_BYTES, static_cast<cudaStream_t>(stream)>>>(map, p);
   else if (variant == 2)
-    mla_decode_sm90_ws3_kernel<false><<<grid, THREADS3, SMEM3_BYTES, static_cast<cudaStream_t>(stream)>>>(map, p);
+    mla_decode_sm90_ws3_kernel<false, false><<<grid, THREADS3, SMEM3_BYTES, static_cast<cudaStream_t>(stream)>>>(map, p);
   else
     mla_decode_sm90_kernel<<<grid, THREADS, SMEM_BYTES, static_cast<cudaStream_t>(stream)>>>(map, p);
   return cudaGetLastError();
