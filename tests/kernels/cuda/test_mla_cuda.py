@@ -56,9 +56,12 @@ def test_registry_refuses_cuda_off_gpu_with_a_reason():
 
 def test_wgmma_header_spells_every_accumulator():
     h = wgmma_header()
-    assert h.count("wgmma.mma_async") == 3
+    assert h.count("wgmma.mma_async") == 5
     assert '"+f"(d[127])' in h and '"+f"(d[128])' not in h        # m64n256: 128 per thread
-    assert re.search(r"m64n256k16.*\{%128, %129, %130, %131\}, %132, p, 1, 1, 1", h)
+    # A from registers: 4 bf16x2 registers after the accumulators, B K-major (trans-b 0)
+    assert re.search(r"m64n64k16.*\{%32, %33, %34, %35\}, %36, p, 1, 1, 0;", h)
+    # PV: B (V) read MN-major from the K tile (trans-b 1)
+    assert re.search(r"m64n256k16.*, %128, %129, p, 1, 1, 0, 1;", h)
 
 
 @needs_nvcc
@@ -73,18 +76,24 @@ def test_kernel_builds_for_sm90a_without_spills(tmp_path):
          "-gencode=arch=compute_90a,code=sm_90a", "-o", str(cubin), str(src)],
         capture_output=True, text=True, check=True)
     report = proc.stderr
-    assert "0 bytes spill stores, 0 bytes spill loads" in report, report
-    regs = int(re.search(r"Used (\d+) registers", report).group(1))
-    assert regs <= 255
+    kernels = report.count("Function properties for")
+    assert kernels == len(cmla.CONFIGS), report
+    # no spills, setmaxnreg honoured (C7507 = ignored) and wgmma not serialised (C7511/C7512)
+    assert report.count("0 bytes spill stores, 0 bytes spill loads") == kernels, report
+    assert not re.search(r"C75(07|11|12)", report), report
     cuobjdump = Path(nvcc()).resolve().parent / "cuobjdump"
     if not cuobjdump.exists():
         import triton
         cuobjdump = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
     sass = subprocess.run([str(cuobjdump), "-sass", str(cubin)], capture_output=True,
                           text=True, check=True).stdout
-    assert sass.count("HGMMA.64x64x16.F32.BF16") == 36      # QK: 576 / 16 k-steps, unrolled
-    assert sass.count("HGMMA.64x256x16.F32.BF16") == 8      # PV: 4 k-steps per warpgroup
+    # QK: 36 k-steps per kernel (m64n64 for 64-key tiles, m64n32 for 32); PV: 64 / 16 k-steps
+    n32 = sum(1 for tile, _ in cmla.CONFIGS if tile == 32)
+    assert sass.count("HGMMA.64x64x16.F32.BF16") == 36 * (len(cmla.CONFIGS) - n32)
+    assert sass.count("HGMMA.64x32x16.F32.BF16") == 36 * n32
+    assert sass.count("HGMMA.64x256x16.F32.BF16") == sum(t // 16 for t, _ in cmla.CONFIGS)
     assert "UTMALDG.2D" in sass                             # tiles arrive by TMA
+    assert "SETMAXNREG" in sass
 
 
 # ---- on an sm_90 GPU -----------------------------------------------------------------------
