@@ -93,7 +93,7 @@ def test_kernel_builds_for_sm90a_without_spills(tmp_path):
     assert sass.count("HGMMA.64x32x16.F32.BF16") == 36 * n32
     assert sass.count("HGMMA.64x256x16.F32.BF16") == sum(t // 16 for t, _ in cmla.CONFIGS)
     assert "UTMALDG.2D" in sass                             # tiles arrive by TMA
-    assert "SETMAXNREG" in sass
+    assert "USETMAXREG.TRY_ALLOC" in sass and "USETMAXREG.DEALLOC" in sass   # setmaxnreg
 
 
 # ---- on an sm_90 GPU -----------------------------------------------------------------------
