@@ -79,8 +79,6 @@ def wgmma_header() -> str:
             "#pragma once\n#include <stdint.h>\n\n"
             + _wgmma("wgmma_m64n64k16_ss", 64, False, 0)
             + _wgmma("wgmma_m64n64k16_rs", 64, True, 0)
-            + _wgmma("wgmma_m64n32k16_ss", 32, False, 0)
-            + _wgmma("wgmma_m64n32k16_rs", 32, True, 0)
             + _wgmma("wgmma_m64n256k16_ss_tb", 256, False, 1))
 
 

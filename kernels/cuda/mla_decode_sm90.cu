@@ -29,9 +29,11 @@
 // barriers 1 (P and alpha of a tile ready: WG0 arrives, WG1/WG2 sync), 2 (WG1/WG2 done with
 // P: they arrive, WG0 syncs before overwriting), 3 (final l and m), 5 (WG0: tail zeroed),
 // 6 (WG0 has read Q's register panels out of the K stages, where they were staged).
-// Tried on the H100 and dropped (benchmarks/results/kernels/README.md): two warpgroups with
-// PV split between them (WG0 also doing QK), Q wholly in shared memory, and pairs of row
-// groups in 2-CTA clusters sharing each tile by TMA multicast (slower: a stage waits for both).
+// Tried on the H100 and dropped (benchmarks/results/kernels/README.md has the times): two
+// warpgroups with PV split between them (WG0 also doing QK); Q wholly in shared memory; pairs
+// of row groups in 2-CTA clusters sharing each tile by TMA multicast (a stage then waits for
+// both CTAs); 32-key tiles with 4-5 stages (a fixed cost per tile dominates); double-buffered
+// P with 6 Q panels in registers (slower).
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -129,20 +131,6 @@ DEV uint32_t pack_bf16(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
-template <int TN> DEV void wgmma_qk_rs(float (&d)[TN / 2], const uint32_t (&a)[4], uint64_t b, int acc);
-template <> DEV void wgmma_qk_rs<64>(float (&d)[32], const uint32_t (&a)[4], uint64_t b, int acc) {
-  wgmma_m64n64k16_rs(d, a, b, acc);
-}
-template <> DEV void wgmma_qk_rs<32>(float (&d)[16], const uint32_t (&a)[4], uint64_t b, int acc) {
-  wgmma_m64n32k16_rs(d, a, b, acc);
-}
-template <int TN> DEV void wgmma_qk_ss(float (&d)[TN / 2], uint64_t a, uint64_t b, int acc);
-template <> DEV void wgmma_qk_ss<64>(float (&d)[32], uint64_t a, uint64_t b, int acc) {
-  wgmma_m64n64k16_ss(d, a, b, acc);
-}
-template <> DEV void wgmma_qk_ss<32>(float (&d)[16], uint64_t a, uint64_t b, int acc) {
-  wgmma_m64n32k16_ss(d, a, b, acc);
-}
 
 // TMA loads of tile `t` of this split into stage t % STAGES (one thread).
 template <int TN, int STAGES>
@@ -168,6 +156,7 @@ DEV void load_tile(const CUtensorMap* map, const Params& p, const int* bt, int s
 template <int TN, int STAGES>
 __global__ void __launch_bounds__(THREADS, 1)
     mla_decode_sm90_kernel(const __grid_constant__ CUtensorMap kv_map, const Params p) {
+  static_assert(TN == 64, "QK is wgmma m64n64 (32-key tiles: slower on the H100, dropped)");
   using Lay = Layout<TN, STAGES>;
   constexpr int NS = TN / 2;                 // score registers per thread
   extern __shared__ uint8_t smem_raw[];
@@ -250,9 +239,9 @@ __global__ void __launch_bounds__(THREADS, 1)
       for (int kk = 0; kk < WIDTH / 16; ++kk) {
         const uint32_t koff = (kk / 4) * Lay::PANEL + (kk % 4) * 32;
         if (kk < Q_REG_CHUNKS)
-          wgmma_qk_rs<TN>(sc, qa[kk < Q_REG_CHUNKS ? kk : 0], desc_k(kv + koff), kk > 0);
+          wgmma_m64n64k16_rs(sc, qa[kk < Q_REG_CHUNKS ? kk : 0], desc_k(kv + koff), kk > 0);
         else
-          wgmma_qk_ss<TN>(sc, desc_k(s_q + (kk / 4 - Q_SMEM_PANEL0) * ROW_PANEL + (kk % 4) * 32),
+          wgmma_m64n64k16_ss(sc, desc_k(s_q + (kk / 4 - Q_SMEM_PANEL0) * ROW_PANEL + (kk % 4) * 32),
                           desc_k(kv + koff), 1);
       }
       wg_commit();
@@ -449,8 +438,9 @@ int launch(const void* kv, long long kv_rows, const Params& base, dim3 grid, cud
 }  // namespace
 
 // C entry point (ctypes). `tile` = keys per tile and `stages` pick a compiled configuration
-// (64/2, 32/4, 32/5). Returns 0, a cudaError_t, 10000 + a CUresult of the tensor-map encoder,
-// or 20000 + a cudaDriverEntryPointQueryResult; 30000 for an unknown configuration.
+// (64/2 only: 32/4 and 32/5 measured slower). Returns 0, a cudaError_t, 10000 + a CUresult of
+// the tensor-map encoder, or 20000 + a cudaDriverEntryPointQueryResult; 30000 for a
+// configuration that is not compiled.
 extern "C" int tsc_mla_decode_sm90(const void* q, long long stride_qb, long long stride_qm,
                                    const void* kv, long long kv_rows, const int* block_tables,
                                    long long stride_btb, const int* seq_lens, void* out,
@@ -479,7 +469,5 @@ extern "C" int tsc_mla_decode_sm90(const void* q, long long stride_qb, long long
   const dim3 grid((rows + 63) / 64, splits, batch);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (tile == 64 && stages == 2) return launch<64, 2>(kv, kv_rows, p, grid, s);
-  if (tile == 32 && stages == 4) return launch<32, 4>(kv, kv_rows, p, grid, s);
-  if (tile == 32 && stages == 5) return launch<32, 5>(kv, kv_rows, p, grid, s);
   return 30000;
 }
