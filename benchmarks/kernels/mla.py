@@ -28,6 +28,9 @@ copy, 2.43 through memcpy; bf16 mm 785 TFLOP/s), default launch configuration:
     it was 222 / 419 / 801 us in the same run before; the issue-7 bar is 1.3x: missed)
     mla_decode h16 q2 8x80K                       393 us         (1.41)
     mla_prefill h16 4K chunk over 64K             7.33 ms        427 TFLOP/s
+The "[cuda]" cases run the sm_90a kernel (kernels/cuda/mla.py), H100 at b924477
+(results/kernels/h100_mla_cuda_b924477): h128 q1 32x32K 536 us (76.6% of copy);
+h16 q4 4/8/16 x 80K 156 / 276 / 524 us (1.04 / 1.00 / 1.01 x the q_len 1 time); q2 8x80K 274.
 """
 from __future__ import annotations
 

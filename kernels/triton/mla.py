@@ -53,9 +53,10 @@ Measured on H100 (2026-11-27, bf16, page 64; `benchmarks/kernels/mla.py`):
   not help: with the block-table load carried (above) BLOCK_N 32 x 4 stages keeps 3 tiles in
   flight, and it measured 6-10% slower than 64 x 2 (its QK wgmma is N = 32). Carrying the
   page id took 64 x 2 from 222 / 419 / 801 us to 214 / 401 / 770. 128 heads (2 groups of
-  64): 1.19 ms at 32x32K, 245 TFLOP/s (the memory floor is ~0.41 ms). Closing the gap needs
-  FlashMLA-style control (QK on one warpgroup, PV split by columns, a producer warp with TMA
-  + mbarriers, two consumer warpgroups ping-ponging): CUDA, or Gluon (no interpreter).
+  64): 1.19 ms at 32x32K, 245 TFLOP/s (the memory floor is ~0.41 ms). On Hopper these row
+  counts (>= 32) go to the warp-specialised CUDA kernel (kernels/cuda/mla.py: QK on one
+  warpgroup, PV split by columns over two more, TMA + mbarriers): q_len 4 at ~1.0x the
+  q_len 1 time, 128 heads 536 us.
 
 Prefill, expanded (DeepSeek-V2's "naive" form): two kernels.
  1. `_expand_kernel`: gather the chunk's whole context (cached prefix + chunk) from the pages
