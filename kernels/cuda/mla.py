@@ -131,13 +131,10 @@ def mla_decode_folded(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: tor
                       **launch) -> torch.Tensor:
     """q [B, Q, H, R] -> [B, Q, H, L]: the Triton `mla_decode_folded` contract (token i at
     position seq_lens - Q + i, causal among the Q tokens), one pass over the cache."""
-    if q.dim() != 4 or q.shape[-1] != kv_cache.shape[-1]:
-        raise ValueError(f"mla_decode_folded: q must be [B, Q, H, {kv_cache.shape[-1]}], got "
-                         f"{list(q.shape)}")
-    batch, q_len, heads, width = q.shape
-    out = decode_rows(q.reshape(batch, q_len * heads, width), kv_cache, block_tables, seq_lens,
-                      scale, kv_lora_rank, q_len=q_len, **launch)
-    return out.view(batch, q_len, heads, kv_lora_rank)
+    from ..triton.mla import fold_query_tokens
+
+    return fold_query_tokens(decode_rows, q, kv_cache, block_tables, seq_lens, scale,
+                             kv_lora_rank, **launch)
 
 
 @register("mla_decode", "cuda", priority=20, requires=REQ)

@@ -337,13 +337,21 @@ def mla_decode_folded(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: tor
     seq_lens[b] - Q + i (seq_lens counts the Q new tokens, as in `kernels/paged.py`) and sees
     positions 0 .. seq_lens[b] - Q + i. The tokens fold into the head axis: one pass over
     the cache for all Q * H rows, so Q = 4 costs about what Q = 1 does."""
+    return fold_query_tokens(decode_rows, q, kv_cache, block_tables, seq_lens, scale,
+                             kv_lora_rank, **launch)
+
+
+def fold_query_tokens(rows_fn, q: torch.Tensor, kv_cache: torch.Tensor, *args, **launch):
+    """q [B, Q, H, R] -> [B, Q, H, L] through a row kernel `rows_fn(q [B, Q*H, R], kv_cache,
+    block_tables, seq_lens, scale, kv_lora_rank, q_len=Q, **launch)` (this module's
+    `decode_rows` or the CUDA one): the Q tokens become Q * H token-major rows."""
     if q.dim() != 4 or q.shape[-1] != kv_cache.shape[-1]:
         raise ValueError(f"mla_decode_folded: q must be [B, Q, H, {kv_cache.shape[-1]}], got "
                          f"{list(q.shape)}")
     batch, q_len, heads, width = q.shape
-    out = decode_rows(q.reshape(batch, q_len * heads, width), kv_cache, block_tables, seq_lens,
-                      scale, kv_lora_rank, q_len=q_len, **launch)
-    return out.view(batch, q_len, heads, kv_lora_rank)
+    out = rows_fn(q.reshape(batch, q_len * heads, width), kv_cache, *args, q_len=q_len,
+                  **launch)
+    return out.view(batch, q_len, heads, out.shape[-1])
 
 
 # ----------------------------------------------------------------------------------------
