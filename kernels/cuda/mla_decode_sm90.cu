@@ -33,7 +33,7 @@
 // warpgroups with PV split between them (WG0 also doing QK); Q wholly in shared memory; pairs
 // of row groups in 2-CTA clusters sharing each tile by TMA multicast (a stage then waits for
 // both CTAs); 32-key tiles with 4-5 stages (a fixed cost per tile dominates); double-buffered
-// P with 6 Q panels in registers (slower).
+// P and alpha (slower, with 6 or 7 Q panels in registers).
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
