@@ -107,11 +107,7 @@ def decode_rows(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Ten
     if splits is None:
         splits = tmla.num_splits(batch, groups, block_tables.shape[1] * page_size, q.device,
                                  programs_per_sm=1)
-    if splits > 1:
-        part_lse = torch.empty(batch, rows, splits, dtype=torch.float32, device=q.device)
-        part_o = torch.empty(batch, rows, splits, RANK, dtype=torch.float32, device=q.device)
-    else:
-        part_lse = part_o = out                # not touched with one split
+    part_o, part_lse = tmla.split_partials(out, splits)
     err = _launcher()(
         q.data_ptr(), q.stride(0), q.stride(1), kv_cache.data_ptr(),
         kv_cache.shape[0] * page_size, block_tables.data_ptr(), block_tables.stride(0),

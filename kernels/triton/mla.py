@@ -297,12 +297,7 @@ def decode_rows(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Ten
         splits = num_splits(batch, groups, block_tables.shape[1] * page_size, q.device,
                             programs_per_sm=programs_per_sm or per_sm)
     block_l = max(16, triton.next_power_of_2(kv_lora_rank))
-    if splits > 1:
-        part_lse = torch.empty(batch, rows, splits, dtype=torch.float32, device=q.device)
-        part_o = torch.empty(batch, rows, splits, kv_lora_rank, dtype=torch.float32,
-                             device=q.device)
-    else:
-        part_lse = part_o = out                    # unused by the kernel when S == 1
+    part_o, part_lse = split_partials(out, splits)
     _decode_split_kernel[(groups, splits, batch)](
         q, kv_cache, block_tables, seq_lens, out, part_o, part_lse,
         scale * _LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
@@ -316,6 +311,17 @@ def decode_rows(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Ten
     if splits > 1:
         reduce_partials(part_o, part_lse, out)
     return out
+
+
+def split_partials(out: torch.Tensor, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o [B, M, S, L], lse [B, M, S]) fp32 buffers for the S split partials of `out`
+    [B, M, L], the format `reduce_partials` merges; with one split the kernels write `out`
+    and never touch these, so `out` stands in for both."""
+    if splits == 1:
+        return out, out
+    batch, rows, rank = out.shape
+    return (torch.empty(batch, rows, splits, rank, dtype=torch.float32, device=out.device),
+            torch.empty(batch, rows, splits, dtype=torch.float32, device=out.device))
 
 
 def reduce_partials(part_o: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor) -> None:
