@@ -24,7 +24,6 @@ from . import library, unavailable
 ARCH = (9, 0)
 RANK, ROPE = 512, 64
 MIN_ROWS = 32
-CONFIGS = {(64, 2)}   # (keys per tile, stages) compiled in the .cu file
 _LOG2E = 1.4426950408889634
 
 
@@ -64,16 +63,15 @@ def _launcher():
     fn = lib.tsc_mla_decode_sm90
     p, i64, i32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int
     fn.argtypes = [p, i64, i64, p, i64, p, i64, p, p, i64, i64, p, p, ctypes.c_float,
-                   i32, i32, i32, i32, i32, i32, i32, i32, p]
+                   i32, i32, i32, i32, i32, i32, p]
     fn.restype = ctypes.c_int
     return fn
 
 
 def decode_rows(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                 seq_lens: torch.Tensor, scale: float, kv_lora_rank: int, *, q_len: int = 1,
-                splits: int | None = None, tile: int = 64, stages: int = 2) -> torch.Tensor:
-    """q [B, M = q_len * H, 576] bf16 (row m: token m // H, head m % H) -> [B, M, 512].
-    `tile` keys per K tile and `stages` of them in flight: one of CONFIGS."""
+                splits: int | None = None) -> torch.Tensor:
+    """q [B, M = q_len * H, 576] bf16 (row m: token m // H, head m % H) -> [B, M, 512]."""
     from ..triton import mla as tmla
 
     batch, rows, width = q.shape
@@ -100,9 +98,6 @@ def decode_rows(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Ten
     if block_tables.stride(-1) != 1:
         block_tables = block_tables.contiguous()
     seq_lens = seq_lens.to(torch.int32).contiguous()
-    if (tile, stages) not in CONFIGS:
-        raise ValueError(f"mla decode (cuda): tile/stages {tile}/{stages} not built; "
-                         f"built: {sorted(CONFIGS)}")
     groups = -(-rows // 64)
     if splits is None:
         splits = tmla.num_splits(batch, groups, block_tables.shape[1] * page_size, q.device,
@@ -113,7 +108,7 @@ def decode_rows(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Ten
         kv_cache.shape[0] * page_size, block_tables.data_ptr(), block_tables.stride(0),
         seq_lens.data_ptr(), out.data_ptr(), out.stride(0), out.stride(1),
         part_o.data_ptr(), part_lse.data_ptr(), scale * _LOG2E, batch, rows, rows // q_len,
-        q_len, splits, page_size, tile, stages,
+        q_len, splits, page_size,
         torch.cuda.current_stream(q.device).cuda_stream)
     if err:
         raise RuntimeError(f"mla decode (cuda) launch failed: error {err}")

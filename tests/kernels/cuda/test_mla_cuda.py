@@ -76,10 +76,9 @@ def test_kernel_builds_for_sm90a_without_spills(tmp_path):
          "-gencode=arch=compute_90a,code=sm_90a", "-o", str(cubin), str(src)],
         capture_output=True, text=True, check=True)
     report = proc.stderr
-    kernels = report.count("Function properties for")
-    assert kernels == len(cmla.CONFIGS), report
+    assert report.count("Function properties for") == 1, report
     # no spills, setmaxnreg honoured (C7507 = ignored) and wgmma not serialised (C7511/C7512)
-    assert report.count("0 bytes spill stores, 0 bytes spill loads") == kernels, report
+    assert "0 bytes spill stores, 0 bytes spill loads" in report, report
     assert not re.search(r"C75(07|11|12)", report), report
     cuobjdump = Path(nvcc()).resolve().parent / "cuobjdump"
     if not cuobjdump.exists():
@@ -87,10 +86,13 @@ def test_kernel_builds_for_sm90a_without_spills(tmp_path):
         cuobjdump = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
     sass = subprocess.run([str(cuobjdump), "-sass", str(cubin)], capture_output=True,
                           text=True, check=True).stdout
-    # QK: 36 k-steps over the 576 columns; PV: 4 k-steps over the 64 keys of a tile
-    assert sass.count("HGMMA.64x64x16.F32.BF16") == 36 * kernels
-    assert sass.count("HGMMA.64x256x16.F32.BF16") == 4 * kernels
-    assert "UTMALDG.2D" in sass                             # tiles arrive by TMA
+    # QK: 36 k-steps over the 576 columns, 31 of them with Q (A) from registers; PV: 4
+    # k-steps over the 64 keys of a tile
+    assert sass.count("HGMMA.64x64x16.F32.BF16") == 36
+    assert len(re.findall(r"HGMMA\.64x64x16\.F32\.BF16 R\d+, R\d+,", sass)) == 31
+    assert sass.count("HGMMA.64x256x16.F32.BF16") == 4
+    assert "UTMALDG.3D" in sass                             # tiles arrive by TMA
+    assert "LDSM" in sass and "STSM" in sass                # Q fragments in, P out
     assert "USETMAXREG.TRY_ALLOC" in sass and "USETMAXREG.DEALLOC" in sass   # setmaxnreg
 
 
