@@ -129,7 +129,7 @@ def _reference(q, cache, bt, lens):
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("page", [16, 64, 128])
+@pytest.mark.parametrize("page", [8, 16, 64, 128, 192])   # boxes per (page part, panel) / 3 per tile
 @pytest.mark.parametrize("splits", [None, 1, 3, 16])
 def test_decode_128_heads_matches_reference(page, splits):
     lengths = [1, 63, 64, 65, 700, 3001]
