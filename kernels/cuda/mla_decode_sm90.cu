@@ -27,11 +27,11 @@
 // for more than that in total never returns; m64n256 needs 160).
 // K tiles: 9 column panels of [64 rows x 128 B], 128B-swizzled, loaded by TMA through a 3D
 // view of the cache ([panel][row][64 columns]). Pages of 64+ rows: 3 boxes of 3 panels x 64
-// rows per tile, one each from threads in 3 warps (a TMA issue holds its thread for ~200
-// cycles per 24 KB on the H100: one whole-tile box held one warp, and the next tile's
-// barriers with it, for ~550). Pages of 8-32 rows: a box per (page part, panel). Keys past
-// the split's end are masked in S, and their V rows zeroed by WG0 before P is published (P
-// is 0 there; 0 * garbage could be NaN).
+// rows per tile, one each from threads in 3 warps (a TMA issue holds its thread: ~260
+// cycles for a 24 KB box on the H100, while one whole-tile box held one warp, and the next
+// tile's barriers with it, for ~490-610). Pages of 8-32 rows: a box per (page part, panel).
+// Keys past the split's end are masked in S, and their V rows zeroed by WG0 before P is
+// published (P is 0 there; 0 * garbage could be NaN).
 // Synchronisation: full[s] (TMA bytes landed), empty[s] (the 8 PV warps done with stage s),
 // named barriers P_READY + s (P and row max of the tile in stage s: WG0 arrives, WG1/WG2
 // sync), QK_ISSUED + s (WG0 has issued QK of the tile in stage s), FINAL (final l), TAIL
