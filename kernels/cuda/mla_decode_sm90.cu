@@ -212,6 +212,16 @@ DEV int sreg_batch() { int v; asm volatile("mov.u32 %0, %%ctaid.z;" : "=r"(v)); 
 DEV const int* block_table(const Params& p) {
   return p.block_tables + sreg_batch() * p.stride_btb;
 }
+// The block holding tile `t` of a split starting at key `start` (pages of 64+ rows).
+DEV int tile_block(const Params& p, int start, int t) {
+  return block_table(p)[(start + t * TN) / p.page_size];
+}
+// TMA box of 3 panels x 64 rows, panels pc..pc + 2 of the tile at key n0 in block `page`,
+// into the stage at `dst` (pages of 64+ rows).
+DEV void tma_box3(const CUtensorMap* map, const Params& p, uint32_t dst, uint32_t full, int page,
+                  int n0, int pc) {
+  tma_3d(dst + pc * PANEL, map, full, 0, page * p.page_size + n0 % p.page_size, pc);
+}
 
 // TMA loads of tile `t` of this split into stage t % STAGES by one thread (the first
 // tiles; every refill with pages under 64 rows); `page` is the block holding the tile when
@@ -227,8 +237,7 @@ DEV void load_tile(const CUtensorMap* map, const Params& p, int start, int end, 
   const uint32_t dst = kv + stage * Layout::TILE;
   if (p.box_rows == TN) {                    // whole tiles: boxes of 3 panels x 64 rows
 #pragma unroll
-    for (int pc = 0; pc < PANELS; pc += 3)
-      tma_3d(dst + pc * PANEL, map, full + 8 * stage, 0, page * p.page_size + n0 % p.page_size, pc);
+    for (int pc = 0; pc < PANELS; pc += 3) tma_box3(map, p, dst, full + 8 * stage, page, n0, pc);
     return;
   }
 #pragma unroll 1
@@ -426,12 +435,11 @@ DEV void pv(const Params& p, const CUtensorMap* kv_map, uint8_t* smem) {
     if (half == 1) {
       if (tid == 256)
         for (int t = 0; t < min(STAGES - 1, kr.tiles); ++t)
-          load_tile(kv_map, p, kr.start, kr.end, t, s_kv, full,
-                    block_table(p)[(kr.start + t * TN) / p.page_size]);
+          load_tile(kv_map, p, kr.start, kr.end, t, s_kv, full, tile_block(p, kr.start, t));
       bar_sync(Q_READ, 256);                 // WG0 has copied Q out of the last stage
       if (tid == 256 && kr.tiles >= STAGES)
         load_tile(kv_map, p, kr.start, kr.end, STAGES - 1, s_kv, full,
-                  block_table(p)[(kr.start + (STAGES - 1) * TN) / p.page_size]);
+                  tile_block(p, kr.start, STAGES - 1));
     }
   }
   float acc[128];
@@ -474,7 +482,7 @@ DEV void pv(const Params& p, const CUtensorMap* kv_map, uint8_t* smem) {
     const bool split = p.box_rows == TN && piece >= 0;
     int page = 0;
     if (split && t + STAGES < tiles)
-      page = block_table(p)[(lds_s32(smem_u32(smem) + Lay::SCAL + 8) + (t + STAGES) * TN) / p.page_size];
+      page = tile_block(p, lds_s32(smem_u32(smem) + Lay::SCAL + 8), t + STAGES);
     wg_wait0();
     fence_regs(acc);
     __syncwarp();
@@ -483,8 +491,7 @@ DEV void pv(const Params& p, const CUtensorMap* kv_map, uint8_t* smem) {
       mbar_wait(empty + 8 * stage, parity);
       const int n0 = lds_s32(smem_u32(smem) + Lay::SCAL + 8) + (t + STAGES) * TN;
       if (piece == 0) mbar_expect_tx(full + 8 * stage, TN * WIDTH * 2);
-      tma_3d(kv + 3 * piece * PANEL, kv_map, full + 8 * stage, 0,
-             page * p.page_size + n0 % p.page_size, 3 * piece);
+      tma_box3(kv_map, p, kv, full + 8 * stage, page, n0, 3 * piece);
     } else if (tt == 256 && p.box_rows < TN && t + STAGES < tiles) {
       mbar_wait(empty + 8 * stage, parity);
       const uint32_t s_scal = smem_u32(smem) + Lay::SCAL;
