@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from tscompile.models import build_config, load_model_file, model_file_for_hf, read_hf_config
-from tscompile.runtime.weights import init_dummy_weights, load_checkpoint
+from tscompile.runtime.dummy_weights import init_dummy_weights
+from tscompile.runtime.weights import load_checkpoint
 
 
 def materialize(model: nn.Module, device: torch.device | str, dtype: torch.dtype) -> nn.Module:

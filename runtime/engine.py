@@ -18,15 +18,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from tscompile.runtime._scheduler import (
     FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, Scheduler,
 )
-from tscompile.kernels import build_metadata
-from tscompile.runtime.cuda_graphs import DecodeGraphs, run_step
+from tscompile.runtime.cuda_graphs import run_step
+from tscompile.runtime.kv_cache import bind_rank, kv_blocks
 from tscompile.runtime.program import RankProgram
-from tscompile.runtime.protocol import AddRequest, EngineStats, RequestOutput
-from tscompile.runtime.sampler import BatchSampler
+from tscompile.runtime.protocol import AddRequest, EngineStats, RequestOutput, SamplingParams
+from tscompile.runtime.sampler import BatchSampler, SampleResult
 from tscompile.runtime.step_io import StepInputs, broadcast_step
 
 log = logging.getLogger(__name__)
@@ -92,77 +93,27 @@ class EngineConfig:
 KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {"auto": None, "fp8": torch.float8_e4m3fn}
 
 
-def bind_rank(program: RankProgram, cfg: EngineConfig, num_blocks: int, max_model_len: int,
-              dtype: torch.dtype, device: torch.device) -> DecodeGraphs | None:
-    """Give a rank its KV caches (the scheduler's `num_blocks` plus the scratch block that
-    CUDA-graph padding writes to) and, on CUDA unless --enforce-eager, its decode graphs.
-    Every rank of a replica calls this with the same numbers, so they replay alike."""
-    program.bind_kv_caches(num_blocks + 1, cfg.page_size, dtype=cfg.cache_dtype(dtype),
-                           device=device)
-    if device.type != "cuda" or cfg.enforce_eager:
-        return None
-    return DecodeGraphs(program, max_batch=cfg.max_graph_batch or cfg.max_num_seqs,
-                        max_blocks=-(-max_model_len // cfg.page_size),
-                        page_size=cfg.page_size, scratch_block=num_blocks, device=device)
+class RankFailure(RuntimeError):
+    """A step failed in a world of several ranks. The engine cannot go on: the other ranks
+    may be blocked in a collective of the failed forward, and no later step would meet
+    them. `outputs` are the error outputs of the requests the failed step carried; the
+    caller fails the rest (`Engine.fail_all`) and exits, which ends the other ranks too."""
 
-
-def activation_peak(program: RankProgram, cfg: EngineConfig, max_model_len: int,
-                    dtype: torch.dtype, device: torch.device) -> int:
-    """Bytes the largest step allocates beyond the weights (vLLM's profile run): one
-    prefill chunk of max_num_batched_tokens tokens through a temporary cache, measured
-    with the allocator's peak statistics. Every rank of a replica runs it (collectives)."""
-    tokens = min(cfg.max_num_batched_tokens, max_model_len)
-    blocks = -(-tokens // cfg.page_size)
-    program.bind_kv_caches(blocks, cfg.page_size, dtype=cfg.cache_dtype(dtype), device=device)
-    meta = build_metadata([tokens], [tokens], [list(range(blocks))], cfg.page_size,
-                          device=device)
-    torch.cuda.synchronize(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    program(torch.zeros(tokens, dtype=torch.int64, device=device),
-            torch.arange(tokens, device=device), meta)
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - base
-    program.unbind_kv_caches()
-    torch.cuda.empty_cache()
-    log.info("profile run: a %d-token step needs %.0f MiB of activations", tokens,
-             peak / 2**20)
-    return peak
-
-
-def kv_blocks(cfg: EngineConfig, program: RankProgram, dtype: torch.dtype,
-              device: torch.device, max_model_len: int) -> int:
-    """The scheduler's pool size in blocks: explicit tokens; else on CUDA a fraction of the
-    memory left free by the weights and the profiled activation peak (less the scratch
-    block); else (CPU) 16K tokens."""
-    elem = torch.empty(0, dtype=cfg.cache_dtype(dtype)).element_size()
-    bytes_per_token = program.prog.manifest["kv_cache"]["elements_per_token_per_rank"] * elem
-    if cfg.kv_cache_tokens is not None:
-        tokens = cfg.kv_cache_tokens
-    elif device.type == "cuda":
-        peak = activation_peak(program, cfg, max_model_len, dtype, device)
-        free, _ = torch.cuda.mem_get_info(device)
-        usable = int((free - peak) * (cfg.kv_memory_fraction or 0.9))
-        if usable < bytes_per_token * cfg.page_size * 2:
-            raise ValueError(f"no GPU memory left for the KV cache: {free / 2**30:.1f} GiB "
-                             f"free after the weights, a {cfg.max_num_batched_tokens}-token "
-                             f"step needs {peak / 2**30:.1f} GiB; lower "
-                             f"--max-num-batched-tokens or use more GPUs")
-        tokens = usable // max(1, bytes_per_token) - cfg.page_size
-    else:
-        tokens = 16384
-    return max(1, tokens // cfg.page_size)
+    def __init__(self, message: str, outputs: list[RequestOutput]):
+        super().__init__(message)
+        self.outputs = outputs
 
 
 @dataclass
 class _Live:
-    rid: str
-    params: object
+    """The engine's side of one request, under its scheduler key (an int)."""
+    rid: str                         # the API's request id
+    params: SamplingParams
     prompt: tuple[int, ...]
     outputs: list[int] = field(default_factory=list)
-    slot: int | None = None
+    slot: int | None = None          # sampler row while the request holds KV
     seed: int | None = None
-    cached: int | None = None
+    cached: int | None = None        # prefix-hit tokens at first admission
 
 
 class Engine:
@@ -177,6 +128,7 @@ class Engine:
         if self.device.type == "cuda" and self.device.index is None:   # "cuda" -> "cuda:0"
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.vocab_size, self.eos = vocab_size, tuple(eos_token_ids)
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.max_model_len = cfg.model_len(max_position_embeddings)
         self.num_blocks = num_blocks or kv_blocks(cfg, program, dtype, self.device,
                                                   self.max_model_len)
@@ -193,9 +145,9 @@ class Engine:
             max_tokens_with_decodes=cfg.max_tokens_with_decodes or 0)
         self.block_table = self.sched.block_table
         self.sampler = BatchSampler(cfg.max_num_seqs, vocab_size, self.device)
-        self.live: dict[int, _Live] = {}
-        self.ids: dict[str, int] = {}
-        self._next = 0
+        self.live: dict[int, _Live] = {}     # scheduler key -> request
+        self.keys: dict[str, int] = {}       # API request id -> scheduler key
+        self._next_key = 0
 
     # -------------------------------------------------------------- requests in and out
 
@@ -204,39 +156,51 @@ class Engine:
         def error(msg: str) -> RequestOutput:
             return RequestOutput(req.rid, finish_reason="error", prompt_tokens=len(req.prompt_ids),
                                  error=msg)
-        if req.rid in self.ids:
+        if req.rid in self.keys:
             return error(f"request id {req.rid!r} is already running")
-        bad = [t for t in req.prompt_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            return error(f"prompt token id {bad[0]} outside the vocabulary [0, {self.vocab_size})")
+        p = req.params
+        for what, ids in (("prompt", req.prompt_ids), ("stop", p.stop_token_ids)):
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                return error(f"{what} token id {bad[0]} outside the vocabulary "
+                             f"[0, {self.vocab_size})")
         if len(req.prompt_ids) >= self.max_model_len:
             return error(f"prompt of {len(req.prompt_ids)} tokens does not fit max_model_len "
                          f"{self.max_model_len}")
-        p = req.params
         stop = tuple(p.stop_token_ids) + (() if p.ignore_eos else self.eos)
-        rid = self._next
-        self._next += 1
-        self.sched.add_request(rid, np.asarray(req.prompt_ids, np.int32), p.max_tokens,
+        key = self._next_key
+        self._next_key += 1
+        self.sched.add_request(key, np.asarray(req.prompt_ids, np.int32), p.max_tokens,
                                list(stop), req.session_id or "", req.arrival)
-        self.live[rid] = _Live(req.rid, p, tuple(req.prompt_ids))
-        self.ids[req.rid] = rid
+        self.live[key] = _Live(req.rid, p, tuple(req.prompt_ids))
+        self.keys[req.rid] = key
         return None
 
     def abort(self, rid: str, reason: str = "abort") -> RequestOutput | None:
         """Finish a live request now; None if it already finished (a benign race)."""
-        key = self.ids.get(rid)
+        key = self.keys.get(rid)
         if key is None:
             return None
         self.sched.abort(key, FINISH_CODES[reason], time.monotonic())
-        return self._finish(key, reason)
+        return self._forget(key, reason)
 
-    def _finish(self, key: int, reason: str) -> RequestOutput:
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """Finish every live request with an error (the engine is going down)."""
+        now = time.monotonic()
+        outs = []
+        for key in list(self.live):
+            self.sched.abort(key, FINISH_ERROR, now)
+            outs.append(self._forget(key, "error", message))
+        return outs
+
+    def _forget(self, key: int, reason: str, error: str | None = None) -> RequestOutput:
+        """The engine's bookkeeping of a request the scheduler has finished."""
         r = self.live.pop(key)
-        del self.ids[r.rid]
+        del self.keys[r.rid]
         if r.slot is not None:
             self.sampler.release(r.slot)
         return RequestOutput(r.rid, finish_reason=reason, prompt_tokens=len(r.prompt),
-                             cached_tokens=r.cached or 0)
+                             cached_tokens=r.cached or 0, error=error)
 
     @property
     def has_work(self) -> bool:
@@ -255,8 +219,20 @@ class Engine:
 
     @torch.no_grad()
     def step(self) -> list[RequestOutput]:
-        now = time.monotonic()
-        plan = self.sched.plan(now)
+        """Plan, run the forward, sample, and hand the tokens back to the scheduler."""
+        plan = self.sched.plan(time.monotonic())
+        self._apply_admissions(plan)
+        if not self.sched.plan_pending:
+            return []
+        try:
+            keys, result = self._forward_and_sample(plan)
+        except Exception as e:       # fail this step's requests, not the engine
+            return self._fail_step(e)
+        return self._commit(keys, result)
+
+    def _apply_admissions(self, plan: dict) -> None:
+        """Sampler rows follow the plan's lifecycle changes: preempted requests give theirs
+        back, admitted ones get one (with their seed, kept across preemptions)."""
         for key in plan["preempted_ids"].tolist():
             r = self.live[key]
             self.sampler.release(r.slot)
@@ -268,20 +244,20 @@ class Engine:
             r.slot = slot
             r.cached = cached if r.cached is None else r.cached
             r.seed = self.sampler.admit(slot, r.params, r.prompt, r.outputs, seed=r.seed)
-        if not self.sched.plan_pending:
-            return []
-        try:
-            inputs = StepInputs.from_plan(plan, self.block_table, self.cfg.page_size)
-            broadcast_step(inputs)
-            logits = run_step(self.program, self.graphs, inputs, self.device)
-            rows = plan["sample"] == 1
-            keys = plan["req_ids"][rows].tolist()
-            slots = torch.from_numpy(plan["slots"][rows].astype(np.int64))
-            steps = torch.tensor([len(self.live[k].outputs) for k in keys], dtype=torch.int64)
-            result = self.sampler.sample(logits, slots, steps)
-        except Exception as e:       # keep serving: fail this step's requests, not the engine
-            log.exception("step failed")
-            return self._fail_step(plan, f"{type(e).__name__}: {e}")
+
+    def _forward_and_sample(self, plan: dict) -> tuple[list[int], SampleResult]:
+        inputs = StepInputs.from_plan(plan, self.block_table, self.cfg.page_size)
+        broadcast_step(inputs)
+        logits = run_step(self.program, self.graphs, inputs, self.device)
+        rows = plan["sample"] == 1
+        keys = plan["req_ids"][rows].tolist()
+        slots = torch.from_numpy(plan["slots"][rows].astype(np.int64))
+        steps = torch.tensor([len(self.live[k].outputs) for k in keys], dtype=torch.int64)
+        return keys, self.sampler.sample(logits, slots, steps)
+
+    def _commit(self, keys: list[int], result: SampleResult) -> list[RequestOutput]:
+        """The sampled tokens to the scheduler (which decides stop and length finishes),
+        then one output per sampled request still live."""
         tokens = result.token_ids.cpu().numpy().astype(np.int32)
         codes = self.sched.update(tokens, time.monotonic())
         lps = result.token_logprobs() if result.logprobs is not None else [None] * len(keys)
@@ -292,25 +268,22 @@ class Engine:
                 continue
             r.outputs.append(tok)
             reason = FINISH_NAMES.get(code)
-            out = RequestOutput(r.rid, (tok,), (lp,) if lp is not None else (),
-                                finish_reason=reason, prompt_tokens=len(r.prompt),
-                                cached_tokens=r.cached or 0)
+            outs.append(RequestOutput(r.rid, (tok,), (lp,) if lp is not None else (),
+                                      finish_reason=reason, prompt_tokens=len(r.prompt),
+                                      cached_tokens=r.cached or 0))
             if reason is not None:
-                self._finish(key, reason)
-            outs.append(out)
+                self._forget(key, reason)
         return outs
 
-    def _fail_step(self, plan, message: str) -> list[RequestOutput]:
-        self.sched.update(np.zeros(int(plan["num_sample"]), np.int32), time.monotonic())
-        outs = []
-        for key in dict.fromkeys(plan["req_ids"].tolist()):
-            if key not in self.live:
-                continue
-            try:
-                self.sched.abort(key, FINISH_ERROR, time.monotonic())
-            except KeyError:
-                pass                 # the placeholder update above already finished it
-            out = self._finish(key, "error")
-            outs.append(RequestOutput(out.rid, finish_reason="error",
-                                      prompt_tokens=out.prompt_tokens, error=message))
+    def _fail_step(self, e: Exception) -> list[RequestOutput]:
+        """Error outputs for the failed step's requests. `fail_pending` finishes them in
+        the scheduler without counting the chunk as computed, so none of its pages (whose
+        KV was never written) reaches the prefix cache. In a world of several ranks the
+        failure is fatal (RankFailure)."""
+        log.exception("step failed")
+        message = f"{type(e).__name__}: {e}"
+        outs = [self._forget(key, "error", message)
+                for key in self.sched.fail_pending(time.monotonic()).tolist()]
+        if self.world > 1:
+            raise RankFailure(f"a step failed on rank 0 of {self.world}: {message}", outs) from e
         return outs

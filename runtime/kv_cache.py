@@ -1,31 +1,34 @@
-"""The paged KV-cache pool: allocation, binding to attention modules, and a block allocator.
+"""The paged KV-cache pool: its size, allocation, binding to attention modules, and a block
+allocator for the offline path.
 
 What it is: one preallocated cache tensor per attention layer in the layout of
-`kernels/paged.py`, bound to the module's `kv_cache` buffer (so the model and, later, CUDA
-graphs see fixed addresses), plus a free list of block ids for the offline path.
-What it is not: the serving scheduler's allocator with prefix sharing and eviction (that is
-the C++ control plane in `runtime/csrc/`).
+`kernels/paged.py`, bound to the module's `kv_cache` buffer (so the model and CUDA graphs
+see fixed addresses); the pool's size in blocks (`kv_blocks`: explicit, or what GPU memory
+leaves after the weights and a profiled largest step) and a rank's binding of it
+(`bind_rank`), which every rank of a replica calls with the same numbers; a free list of
+block ids for the offline path. What it is not: the serving scheduler's allocator with
+prefix sharing and eviction (that is the C++ control plane in `runtime/csrc/`).
 """
 from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from tscompile.kernels import build_metadata
+from tscompile.runtime.cuda_graphs import DecodeGraphs
+
+if TYPE_CHECKING:
+    from tscompile.runtime.engine import EngineConfig
+    from tscompile.runtime.program import RankProgram
+
+log = logging.getLogger(__name__)
+
 
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if hasattr(m, "kv_cache_shape")]
-
-
-def bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
-    """KV bytes one token costs across all layers (a page of 1 token in a 1-block pool)."""
-    elem = torch.empty(0, dtype=dtype).element_size()
-    total = 0
-    for _, m in attention_modules(model):
-        n = 1
-        for d in m.kv_cache_shape(1, 1):
-            n *= d
-        total += n * elem
-    return total
 
 
 def bind_kv_caches(model: nn.Module, num_blocks: int, page_size: int, *,
@@ -67,3 +70,65 @@ class BlockAllocator:
                 raise ValueError(f"block {b} freed but not allocated")
             owned.discard(b)
         self._free.extend(reversed(blocks))
+
+
+def bind_rank(program: RankProgram, cfg: EngineConfig, num_blocks: int, max_model_len: int,
+              dtype: torch.dtype, device: torch.device) -> DecodeGraphs | None:
+    """Give a rank its KV caches (the scheduler's `num_blocks` plus the scratch block that
+    CUDA-graph padding writes to) and, on CUDA unless --enforce-eager, its decode graphs.
+    Every rank of a replica calls this with the same numbers, so they replay alike."""
+    program.bind_kv_caches(num_blocks + 1, cfg.page_size, dtype=cfg.cache_dtype(dtype),
+                           device=device)
+    if device.type != "cuda" or cfg.enforce_eager:
+        return None
+    return DecodeGraphs(program, max_batch=cfg.max_graph_batch or cfg.max_num_seqs,
+                        max_blocks=-(-max_model_len // cfg.page_size),
+                        page_size=cfg.page_size, scratch_block=num_blocks, device=device)
+
+
+def activation_peak(program: RankProgram, cfg: EngineConfig, max_model_len: int,
+                    dtype: torch.dtype, device: torch.device) -> int:
+    """Bytes the largest step allocates beyond the weights (vLLM's profile run): one
+    prefill chunk of max_num_batched_tokens tokens through a temporary cache, measured
+    with the allocator's peak statistics. Every rank of a replica runs it (collectives)."""
+    tokens = min(cfg.max_num_batched_tokens, max_model_len)
+    blocks = -(-tokens // cfg.page_size)
+    program.bind_kv_caches(blocks, cfg.page_size, dtype=cfg.cache_dtype(dtype), device=device)
+    meta = build_metadata([tokens], [tokens], [list(range(blocks))], cfg.page_size,
+                          device=device)
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    program(torch.zeros(tokens, dtype=torch.int64, device=device),
+            torch.arange(tokens, device=device), meta)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    program.unbind_kv_caches()
+    torch.cuda.empty_cache()
+    log.info("profile run: a %d-token step needs %.0f MiB of activations", tokens,
+             peak / 2**20)
+    return peak
+
+
+def kv_blocks(cfg: EngineConfig, program: RankProgram, dtype: torch.dtype,
+              device: torch.device, max_model_len: int) -> int:
+    """The scheduler's pool size in blocks: explicit tokens; else on CUDA a fraction of the
+    memory left free by the weights and the profiled activation peak (less the scratch
+    block); else (CPU) 16K tokens."""
+    elem = torch.empty(0, dtype=cfg.cache_dtype(dtype)).element_size()
+    bytes_per_token = program.prog.manifest["kv_cache"]["elements_per_token_per_rank"] * elem
+    if cfg.kv_cache_tokens is not None:
+        tokens = cfg.kv_cache_tokens
+    elif device.type == "cuda":
+        peak = activation_peak(program, cfg, max_model_len, dtype, device)
+        free, _ = torch.cuda.mem_get_info(device)
+        usable = int((free - peak) * (cfg.kv_memory_fraction or 0.9))
+        if usable < bytes_per_token * cfg.page_size * 2:
+            raise ValueError(f"no GPU memory left for the KV cache: {free / 2**30:.1f} GiB "
+                             f"free after the weights, a {cfg.max_num_batched_tokens}-token "
+                             f"step needs {peak / 2**30:.1f} GiB; lower "
+                             f"--max-num-batched-tokens or use more GPUs")
+        tokens = usable // max(1, bytes_per_token) - cfg.page_size
+    else:
+        tokens = 16384
+    return max(1, tokens // cfg.page_size)

@@ -26,7 +26,8 @@ import torch.multiprocessing as mp
 
 from tscompile.runtime.distributed import free_port
 from tscompile.runtime.cuda_graphs import run_step
-from tscompile.runtime.engine import Engine, EngineConfig, bind_rank, kv_blocks
+from tscompile.runtime.engine import Engine, EngineConfig, RankFailure
+from tscompile.runtime.kv_cache import bind_rank, kv_blocks
 from tscompile.runtime.program import RankProgram
 from tscompile.runtime.protocol import (
     Abort, AddRequest, EngineReady, RequestOutput, Shutdown, StepOutputs,
@@ -111,6 +112,15 @@ def _rank_main(rank: int, world: int, port: int, cfg: ServeConfig, eos: tuple[in
         else:
             graphs = bind_rank(program, cfg.engine, num_blocks, max_len, dtype, device)
             follow_steps(lambda step: run_step(program, graphs, step, device))
+    except RankFailure:
+        # The other ranks may be blocked in the failed step's collectives, so neither the
+        # STOP broadcast nor destroy_process_group() could complete: flush the error
+        # outputs to the API and exit, which breaks the others' connections (they exit with
+        # that error; the API process sees the engine gone and answers 503).
+        log.critical("rank 0: a step failed at world %d; exiting", world)
+        outputs.close()
+        outputs.join_thread()
+        os._exit(1)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -127,6 +137,7 @@ def _share_pool_size(num_blocks: int) -> int:
 
 def _engine_loop(engine: Engine, requests: Any, outputs: Any, parent: int) -> None:
     last_stats = 0.0
+    released = False
     try:
         while os.getppid() == parent:         # the API process died: stop too
             outs: list[RequestOutput] = []
@@ -149,13 +160,20 @@ def _engine_loop(engine: Engine, requests: Any, outputs: Any, parent: int) -> No
             if stop:
                 break
             if engine.has_work:
-                outs += engine.step()
+                try:
+                    outs += engine.step()
+                except RankFailure as e:      # fatal at world > 1: fail everything, exit
+                    released = True           # the others may sit in a collective: no STOP
+                    outs += e.outputs + engine.fail_all(str(e))
+                    outputs.put(StepOutputs(tuple(outs), engine.stats()))
+                    raise
             now = time.monotonic()
             if outs or now - last_stats > _STATS_EVERY_S:
                 outputs.put(StepOutputs(tuple(outs), engine.stats()))
                 last_stats = now
     finally:
-        broadcast_step(None)                  # release the other ranks
+        if not released:
+            broadcast_step(None)              # release the other ranks
 
 
 def _eos_ids(cfg: ServeConfig, tokenizer: Any, model_config: Any) -> tuple[int, ...]:

@@ -15,67 +15,17 @@ and KV caches are not loaded: the runtime makes them.
 """
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 
 import torch
 
 from tscompile.plan import CheckpointPiece, ParamPlan
+from tscompile.runtime.dummy_weights import dummy_values
 from tscompile.runtime.weights import Checkpoint
 
 LOADED_KINDS = ("param", "buffer")
 
 Box = tuple[tuple[int, int], ...]  # one [start, stop) per dim
-
-
-# ---------------------------------------------------------------------------- dummy weights
-
-def _generator(seed: int, name: str, slab: int | None) -> torch.Generator:
-    base = seed * 1_000_003 + zlib.crc32(name.encode())
-    if slab is not None:
-        base = base * 1_000_003 + slab + 1
-    return torch.Generator().manual_seed(base & 0x7FFF_FFFF_FFFF_FFFF)
-
-
-def _slab(name: str, shape: tuple[int, ...], seed: int, i: int) -> torch.Tensor:
-    """Slab `i` (index i of dim 0) of a >= 3-D dummy tensor."""
-    return torch.randn(shape[1:], generator=_generator(seed, name, i),
-                       dtype=torch.float32) * shape[-1] ** -0.5
-
-
-def dummy_values(name: str, shape: tuple[int, ...], seed: int, *, dim: int | None = None,
-                 ranges: list[tuple[int, int]] | None = None) -> torch.Tensor:
-    """Float32 dummy values of tensor `name`, a pure function of (seed, name): 1-D tensors
-    whose name contains "norm" are 1, other 1-D tensors N(0, 1) * 0.02, matrices
-    N(0, 1) * fan_in ** -0.5 with fan_in = shape[-1], drawn from one generator seeded by
-    (seed, name). Tensors with >= 3 dims (stacked experts) are drawn slab by slab along
-    dim 0, slab i from a generator seeded by (seed, name, i), so a rank that holds some
-    slabs draws only those.
-
-    With `dim` and `ranges` (a plan's sharded dim and `ranges(rank, world)`), returns the
-    ranges of that dim concatenated in order, i.e. the rank's local tensor."""
-    shape = tuple(shape)
-    ranges = ranges if dim is not None else None
-    if len(shape) < 3:
-        if len(shape) == 1 and "norm" in name:
-            full = torch.ones(shape, dtype=torch.float32)
-        else:
-            full = torch.randn(shape, generator=_generator(seed, name, None), dtype=torch.float32)
-            full = full * (0.02 if len(shape) <= 1 else shape[-1] ** -0.5)
-        return full if ranges is None else _take(full, dim, ranges)
-    if shape[0] == 0:
-        return torch.empty(shape)  # no slab to draw (torch.stack needs one)
-    if dim == 0:
-        # The point of the slab rule: draw only the slabs this rank holds.
-        rows = [i for a, b in ranges for i in range(a, b)]
-        return torch.stack([_slab(name, shape, seed, i) for i in rows])
-    return torch.stack([_slab(name, shape, seed, i) if ranges is None else
-                        _take(_slab(name, shape, seed, i), dim - 1, ranges)
-                        for i in range(shape[0])])
-
-
-def _take(t: torch.Tensor, dim: int, ranges: list[tuple[int, int]]) -> torch.Tensor:
-    return torch.cat([t.narrow(dim, a, b - a) for a, b in ranges], dim)
 
 
 # ------------------------------------------------------------------------------ checkpoint

@@ -1,10 +1,10 @@
-"""Weights: Hugging Face safetensors checkpoints (one file, or shards with an index) and
-deterministic dummy weights.
+"""Weights: Hugging Face safetensors checkpoints (one file, or shards with an index).
 
 What it is: reading tensors by checkpoint key (lazily, through `safe_open`, so a sharded
 loader can later read only its slices) and copying them into a model through its
 `CHECKPOINT_MAP` (`models/checkpoint.py`). What it is not: sharding (the compiler's plan
-decides slices; this file is the single-device path) or pickle loading (never).
+decides slices; this file is the single-device path), dummy weights
+(runtime/dummy_weights.py) or pickle loading (never).
 """
 from __future__ import annotations
 
@@ -106,19 +106,3 @@ def _fmt_index(index: tuple) -> str:
     parts = [str(i) if isinstance(i, int) else
              (":" if i == slice(None) else f"{i.start}:{i.stop}") for i in index]
     return "[" + ", ".join(parts) + "]"
-
-
-@torch.no_grad()
-def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
-    """Deterministic random weights at a sensible scale, a pure function of (seed, name):
-    matrices ~ N(0, 1/fan_in) with fan_in = shape[-1] (activations keep unit scale through
-    the stack), 1-D norm weights 1, other 1-D tensors (biases, router correction biases)
-    N(0, 1) * 0.02, each tensor from one generator seeded by (seed, name). Tensors with
-    >= 3 dims (stacked experts) are drawn slab by slab along dim 0, slab i from a generator
-    seeded by (seed, name, i), so a tensor-parallel rank can draw just its slabs and still
-    get exactly the slice of these values (`runtime/shards.py: dummy_values`, the rule's one
-    implementation, shared by both paths)."""
-    # Imported here: shards.py imports this module (Checkpoint) at its top.
-    from tscompile.runtime.shards import dummy_values
-    for name, t in sorted(loadable_tensors(model).items()):
-        t.copy_(dummy_values(name, tuple(t.shape), seed))

@@ -119,6 +119,9 @@ PYBIND11_MODULE(_scheduler, m) {
              return out;
            },
            py::arg("tokens"), py::arg("now") = 0.0)
+      .def("fail_pending",
+           [](Scheduler& s, double now) { return to_numpy(s.fail_pending(now)); },
+           py::arg("now") = 0.0)
       .def_property_readonly("block_table",
            [](py::object self) {
              Scheduler& s = self.cast<Scheduler&>();

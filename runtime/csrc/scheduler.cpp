@@ -234,8 +234,9 @@ void Scheduler::finish(Request& r, Finish reason, double now) {
     auto it = std::find(waiting_.begin(), waiting_.end(), r.id);
     if (it != waiting_.end()) waiting_.erase(it);
   }
+  const uint64_t id = r.id;        // erase() must not read the key of the node it frees
   r.state = Finished{reason};      // releases the KV
-  requests_.erase(r.id);
+  requests_.erase(id);
 }
 
 std::vector<int8_t> Scheduler::update(const int32_t* sampled, size_t n, double now) {
@@ -278,6 +279,19 @@ std::vector<int8_t> Scheduler::update(const int32_t* sampled, size_t n, double n
   }
   plan_pending_ = false;
   return codes;
+}
+
+std::vector<uint64_t> Scheduler::fail_pending(double now) {
+  if (!plan_pending_) throw std::logic_error("fail_pending() without a pending plan");
+  std::vector<uint64_t> failed;
+  for (uint64_t id : plan_.req_ids) {
+    auto it = requests_.find(id);
+    if (it == requests_.end()) continue;   // aborted while the step ran
+    finish(it->second, Finish::Error, now);
+    failed.push_back(id);
+  }
+  plan_pending_ = false;
+  return failed;
 }
 
 void Scheduler::abort(uint64_t id, Finish reason, double now) {

@@ -104,6 +104,11 @@ class Scheduler {
   const StepPlan& plan(double now);
   // Tokens for the pending plan's sample rows, in order; returns a finish code per row.
   std::vector<int8_t> update(const int32_t* sampled, size_t n, double now);
+  // The pending plan's forward failed: finish every request it scheduled with Error and
+  // drop the plan. Unlike update(), nothing is counted as computed and no page reaches the
+  // prefix cache (the failed chunk's KV was never written). Returns the ids it finished
+  // (those aborted while the step ran are gone already).
+  std::vector<uint64_t> fail_pending(double now);
 
   bool has_work() const { return !running_.empty() || !waiting_.empty(); }
   bool plan_pending() const { return plan_pending_; }

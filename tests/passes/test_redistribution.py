@@ -10,7 +10,7 @@ from tscompile.build import build
 from tscompile.kernels import build_metadata
 from tscompile.models import load_model_file
 from tscompile.runtime.distributed import StepsJob, run_steps
-from tscompile.runtime.weights import init_dummy_weights
+from tscompile.runtime.dummy_weights import init_dummy_weights
 
 TOY = '''
 from dataclasses import dataclass

@@ -287,3 +287,52 @@ def test_fp8_kv_cache_engine_equals_the_offline_path_on_an_fp8_cache(prog):
     assert eng.stats().preemptions > 0
     with pytest.raises(ValueError, match="--kv-cache-dtype must be one of"):
         EngineConfig(kv_cache_dtype="int4")
+
+
+def test_a_failed_forward_leaves_nothing_in_the_prefix_cache(prog, alone, monkeypatch):
+    """The failed chunk's pages were never written: a later request with the same prompt
+    must miss the cache and get the reference tokens (it used to hit 16 poisoned tokens)."""
+    import tscompile.runtime.engine as engine_mod
+    calls = {"n": 0}
+    real = engine_mod.run_step
+
+    def first_fails(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected forward failure")
+        return real(*args, **kw)
+    monkeypatch.setattr(engine_mod, "run_step", first_fails)
+    eng = engine(prog)                                   # page 4, 16 tokens per step
+    prompt = list(range(20, 40))                         # 20 tokens: the first chunk is 16
+    failed = run_all(eng, [AddRequest("bad", tuple(prompt), greedy(4))])["bad"]
+    assert [o.finish_reason for o in failed] == ["error"]
+    assert "injected forward failure" in failed[0].error
+    assert eng.stats().kv_blocks_used == 0
+    eng.sched.check_invariants()
+    again = run_all(eng, [AddRequest("good", tuple(prompt), greedy(4))])["good"]
+    assert again[-1].cached_tokens == 0
+    assert [t for o in again for t in o.token_ids] == alone(prompt, 4)
+    assert calls["n"] > 1
+
+
+def test_a_failed_step_fails_only_its_requests(prog, alone, monkeypatch):
+    """A request admitted after the failure, and pages registered before it, are intact."""
+    import tscompile.runtime.engine as engine_mod
+    real, state = engine_mod.run_step, {"armed": False}
+
+    def maybe_fail(*args, **kw):
+        if state["armed"]:
+            state["armed"] = False
+            raise RuntimeError("injected")
+        return real(*args, **kw)
+    monkeypatch.setattr(engine_mod, "run_step", maybe_fail)
+    eng = engine(prog)
+    prompt = list(range(50, 70))
+    assert eng.add(AddRequest("a", tuple(prompt), greedy(6))) is None
+    eng.step()                                          # the first 16 tokens: 4 pages
+    state["armed"] = True
+    outs = eng.step()                                   # the last 4 prompt tokens fail
+    assert [(o.rid, o.finish_reason) for o in outs] == [("a", "error")]
+    b = run_all(eng, [AddRequest("b", tuple(prompt), greedy(6))])["b"]
+    assert b[-1].cached_tokens == 16                    # the pages of the good step only
+    assert [t for o in b for t in o.token_ids] == alone(prompt, 6)

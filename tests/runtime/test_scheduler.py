@@ -45,13 +45,40 @@ events = st.lists(st.one_of(
     st.tuples(st.just("step"), st.integers(0, 50)),
     st.tuples(st.just("abort"), st.integers(0, 40)),
     st.tuples(st.just("tick"), st.floats(0, 5)),
+    st.tuples(st.just("fail"), st.integers(0, 40)),      # a step whose forward raised
 ), max_size=60)
+SEQUENCES_CI, SEQUENCES_NIGHTLY = 1_000, 10_000
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(events=events, num_blocks=st.integers(6, 30), ttl=st.sampled_from([0.0, 2.0]),
-       cap=st.sampled_from([0, 2, 7]))
-def test_random_event_sequences_keep_every_block_accounted_for(events, num_blocks, ttl, cap):
+def test_random_event_sequences_keep_every_block_accounted_for():
+    """1,000 random event sequences in CI; the nightly run below takes 10,000."""
+    check_random_sequences(SEQUENCES_CI)
+
+
+@pytest.mark.slow
+def test_random_event_sequences_nightly():
+    check_random_sequences(SEQUENCES_NIGHTLY)
+
+
+def check_random_sequences(n: int) -> None:
+    import time
+    t0 = time.monotonic()
+    seen = {"n": 0}
+
+    @settings(max_examples=n, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(events=events, num_blocks=st.integers(6, 30), ttl=st.sampled_from([0.0, 2.0]),
+           cap=st.sampled_from([0, 2, 7]))
+    def run(events, num_blocks, ttl, cap):
+        seen["n"] += 1
+        one_sequence(events, num_blocks, ttl, cap)
+    run()
+    print(f"scheduler: {seen['n']} random event sequences, 0 failures, "
+          f"{time.monotonic() - t0:.1f} s")
+    assert seen["n"] >= n * 0.9     # hypothesis ran (nearly) all it was asked for
+
+
+def one_sequence(events, num_blocks, ttl, cap):
     s = make(num_blocks=num_blocks, ttl=ttl, cap=cap)
     prefixes = [list(range(100 + 10 * k, 100 + 10 * k + 13)) for k in range(4)]
     live: set[int] = set()
@@ -76,6 +103,23 @@ def test_random_event_sequences_keep_every_block_accounted_for(events, num_block
                         live.discard(int(rid))
                 assert (p["query_lens"][: p["num_decodes"]] == 1).all()
                 assert len(p["input_ids"]) == p["query_lens"].sum() <= 12
+        elif kind == "fail":
+            p = s.plan(now)
+            if s.plan_pending:
+                cached_before = s.stats()["blocks_cached"]
+                if live and ev[1] % 3 == 0:              # one aborted while the step ran
+                    rid = sorted(live)[ev[1] % len(live)]
+                    s.abort(rid, FINISH_ABORT, now)
+                    live.discard(rid)
+                failed = set(s.fail_pending(now).tolist())
+                assert failed <= set(p["req_ids"].tolist())
+                assert not s.plan_pending
+                live -= failed
+                # pages registered by earlier steps may return to the cache; none is new
+                for rid in failed:
+                    with pytest.raises(KeyError):
+                        s.state_of(rid)
+                assert s.stats()["blocks_cached"] >= cached_before
         elif kind == "abort" and live:
             rid = sorted(live)[ev[1] % len(live)]
             s.abort(rid, FINISH_ABORT, now)
@@ -104,6 +148,8 @@ def test_illegal_events_are_rejected():
         s.add_request(2, np.arange(48, dtype=np.int32), 1)
     with pytest.raises(RuntimeError, match="update\\(\\) without a pending plan"):
         s.update(np.array([1], np.int32))
+    with pytest.raises(RuntimeError, match="fail_pending\\(\\) without a pending plan"):
+        s.fail_pending()
     p = s.plan()
     with pytest.raises(RuntimeError, match="plan\\(\\) while the previous plan"):
         s.plan()
@@ -222,3 +268,23 @@ def test_steps_with_decodes_take_at_most_max_tokens_with_decodes():
     assert alone.plan(0.0)["query_lens"].tolist() == [16]
     with pytest.raises(ValueError, match="max_tokens_with_decodes must be in"):
         make(budget=8, cap=9)
+
+
+def test_a_failed_step_registers_none_of_its_pages():
+    """fail_pending finishes the plan's requests without counting the chunk as computed:
+    its pages never reach the prefix cache; pages of earlier, successful steps do."""
+    prompt = np.arange(200, 220, dtype=np.int32)          # 20 tokens, 5 pages
+    s = make(budget=12)
+    s.add_request(1, prompt, 3)
+    s.plan()                                              # tokens 0..11
+    assert s.fail_pending().tolist() == [1]
+    s.check_invariants()
+    assert s.stats()["blocks_cached"] == 0 and not s.has_work
+    s.add_request(2, prompt, 3)
+    assert s.plan()["admitted_cached"].tolist() == [0]    # a miss: nothing was poisoned
+    s.update(np.zeros(0, np.int32))                       # tokens 0..11 are computed now
+    s.plan()                                              # tokens 12..19 fail
+    assert s.fail_pending().tolist() == [2]
+    s.add_request(3, prompt, 3)
+    assert s.plan()["admitted_cached"].tolist() == [12]   # the 3 pages of the good step
+    s.check_invariants()

@@ -2,7 +2,9 @@
 inputs travel over a gloo side group (`set_control_group`), and both ranks run decode steps
 padded into CUDA-graph buckets (`DecodeGraphs(capture=False)`: the same static buffers and
 scratch-block padding, replayed eagerly). Greedy tokens equal each request run alone on the
-single-device reference, and both ranks took the same number of padded steps.
+single-device reference, and both ranks took the same number of padded steps. And a step that
+fails on rank 0 at world 2 is fatal and loud: every request gets an error output, rank 0
+exits non-zero, and rank 1 (blocked in the failed step's collective) exits too, not hangs.
 
 The ranks are this file run as a script (one process each), as tests/kernels/test_collectives.py
 does: a spawned child cannot import a test module loaded by pytest's importlib mode.
@@ -23,7 +25,8 @@ from tscompile.build import build
 from tscompile.runtime import load_model
 from tscompile.runtime.cuda_graphs import DecodeGraphs, run_step
 from tscompile.runtime.distributed import free_port
-from tscompile.runtime.engine import Engine, EngineConfig, bind_rank, kv_blocks
+from tscompile.runtime.engine import Engine, EngineConfig
+from tscompile.runtime.kv_cache import bind_rank, kv_blocks
 from tscompile.runtime.offline import PagedRunner, generate
 from tscompile.runtime.offline import SamplingParams as OfflineParams
 from tscompile.runtime.program import RankProgram
@@ -96,5 +99,80 @@ def test_two_ranks_padded_decode_over_a_side_group_equal_each_request_alone(tmp_
                                                      OfflineParams(max_tokens=5 + 2 * i))
 
 
+class _FileQueue:
+    """Stands in for tsrun's output queue to the API process: each message, pickled, to a file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def put(self, msg) -> None:
+        import pickle
+        with open(self.path, "ab") as f:
+            pickle.dump(msg, f)
+            f.flush()
+
+    def close(self) -> None:
+        pass
+
+    def join_thread(self) -> None:
+        pass
+
+
+def _served_rank_failing(rank: int, port: int, prog: str, out: Path) -> None:
+    """tsrun's own rank main (runtime/serve.py), rank 0's first forward raising."""
+    import queue
+
+    import tscompile.runtime.engine as engine_mod
+    from tscompile.runtime import serve
+    from tscompile.runtime.protocol import AddRequest as Add
+
+    def broken(*args, **kw):
+        raise RuntimeError("injected failure on rank 0")
+    requests: queue.Queue = queue.Queue()
+    if rank == 0:
+        engine_mod.run_step = broken
+        for i, p in enumerate(PROMPTS[:2]):
+            requests.put(Add(f"r{i}", tuple(p), SamplingParams(max_tokens=4, temperature=0.0)))
+    cfg = serve.ServeConfig(program=prog, dummy_weights=True, seed=SEED, threads_per_rank=1,
+                            engine=CFG)
+    serve._rank_main(rank, 2, port, cfg, (), requests, _FileQueue(out / f"outputs{rank}.pkl"),
+                     os.getppid())
+
+
+def test_a_failed_step_at_world_two_is_fatal_and_stops_both_ranks(tmp_path):
+    import pickle
+
+    from tscompile.runtime.protocol import StepOutputs
+    prog = build("llama", preset="tiny", mesh=Mesh.build(2)).save(tmp_path / "tp2.tsprog")
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    logs = [open(tmp_path / f"rank{r}.log", "w") for r in range(2)]
+    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(port), str(prog),
+                               str(tmp_path), "fail"], stdout=logs[r], stderr=subprocess.STDOUT,
+                              env=env)
+             for r in range(2)]
+    try:
+        codes = [p.wait(timeout=120) for p in procs]       # a hang fails here
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    text = "\n".join((tmp_path / f"rank{r}.log").read_text() for r in range(2))
+    assert codes[0] == 1 and codes[1] != 0, text
+    assert "a step failed at world 2" in text
+    msgs = []
+    with open(tmp_path / "outputs0.pkl", "rb") as f:
+        while True:
+            try:
+                msgs.append(pickle.load(f))
+            except EOFError:
+                break
+    outs = [o for m in msgs if isinstance(m, StepOutputs) for o in m.outputs]
+    assert sorted(o.rid for o in outs) == ["r0", "r1"]
+    assert all(o.finish_reason == "error" and "injected failure on rank 0" in o.error
+               for o in outs)
+
+
 if __name__ == "__main__":
-    _rank_main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], Path(sys.argv[4]))
+    main = _served_rank_failing if sys.argv[5:] == ["fail"] else _rank_main
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], Path(sys.argv[4]))

@@ -6,7 +6,7 @@ import torch
 
 from tscompile.models import BUILTIN, load_model_file
 from tscompile.runtime import load_model
-from tscompile.runtime.kv_cache import BlockAllocator, bytes_per_token
+from tscompile.runtime.kv_cache import BlockAllocator
 from tscompile.runtime.offline import PagedRunner
 
 
@@ -23,7 +23,6 @@ def test_dummy_weights_are_deterministic_and_sane(family):
     logits = runner.step([(sid, [1, 2, 3, 4, 5])], all_logits=True)
     assert torch.isfinite(logits).all()
     assert 0.05 < logits.std().item() < 20, logits.std()  # neither dead nor exploding
-    assert bytes_per_token(a, torch.bfloat16) > 0
 
 
 def test_every_preset_builds_on_meta():
