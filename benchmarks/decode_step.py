@@ -27,6 +27,7 @@ import torch
 
 from tscompile.annotations import Mesh
 from tscompile.build import build
+from tscompile.kernels import REGISTRY
 from tscompile.runtime.engine import Engine, EngineConfig
 from tscompile.runtime.program import RankProgram
 from tscompile.runtime.protocol import AddRequest, SamplingParams
@@ -126,7 +127,8 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
               "host": platform.node(), "commit": commit, "model": f"{a.model}:{a.preset}",
               "dtype": "bfloat16", "weight_bytes": weight_bytes, "kv_bytes_per_token": kv,
-              "dummy_weight_load_s": round(load_s, 1), "roofs": roof, "rows": rows}
+              "dummy_weight_load_s": round(load_s, 1), "roofs": roof, "rows": rows,
+              "kernels": REGISTRY.selections()}
     print(f"{'batch':>5} {'graphs':>6} {'step ms':>8} {'roof ms':>8} {'of roof':>7} {'tok/s/user':>10}")
     for r in rows:
         print(f"{r['batch']:>5} {str(r['cuda_graphs']):>6} {r['step_ms_median']:>8} "

@@ -5,9 +5,10 @@ backend (`reference`, `triton`, `cuda`), a priority, and its requirements (devic
 CUDA arch range, dtypes, and an optional shape predicate that returns the reason it refuses).
 `select()` takes the highest-priority implementation whose requirements hold; an override
 (`TSCOMPILE_KERNELS="op=backend"` or `"*=backend"`) forces one, and a forced backend that
-cannot run is an error (no silent fallback hides a broken fast path). `explain()` prints,
-for every candidate, why it was taken or refused. Every selection is recorded
-(`selections()`) so a run can write down which kernels it used.
+cannot run is an error (no silent fallback hides a broken fast path), and a CUDA run that
+lands on `reference` for an op with a GPU backend warns once per op, naming why. `explain()`
+prints, for every candidate, why it was taken or refused. Every selection is recorded
+(`selections()`): tsrun logs them at start-up and benchmarks write them into their results.
 
 Also here: `kernel_op`, the decorator that defines a public op as a `torch.library` custom
 op and keeps its plain Python body callable (`direct_ops()`): tracing, export and
@@ -69,7 +70,7 @@ class Requirements:
             return why
         if q.device.type not in self.devices:
             return f"device {q.device.type} not in {sorted(self.devices)}"
-        arch = q.arch
+        arch = q.arch if self.min_arch is not None or self.max_arch is not None else None
         if self.min_arch is not None and (arch is None or arch < self.min_arch):
             return f"arch {arch} below sm_{self.min_arch[0]}{self.min_arch[1]}"
         if self.max_arch is not None and (arch is None or arch > self.max_arch):
@@ -98,6 +99,7 @@ class Registry:
     # function of those (requirements read only the query), and the eager runtime asks the
     # same questions every step (~50 us each uncached on an H100 host). Errors are not kept.
     _cache: dict[tuple[str, Query, str], Impl] = field(default_factory=dict)
+    _warned: set[str] = field(default_factory=set)     # ops warned about a reference fallback
 
     def register(self, op: str, backend: str, *, priority: int = 0,
                  requires: Requirements | None = None) -> Callable[[Callable], Callable]:
@@ -175,7 +177,25 @@ class Registry:
             self._chosen[key] = impl.backend
             level = logging.INFO if envs.TSCOMPILE_LOG_KERNELS.get() else logging.DEBUG
             log.log(level, "kernel %s on %s/%s -> %s", op, key[1], key[2], impl.backend)
+            if (why := self.fallback_reason(op, q, impl)) is not None and op not in self._warned:
+                self._warned.add(op)
+                log.warning("kernel %s on %s/%s runs the reference implementation (slow): %s",
+                            op, key[1], key[2], why)
         return impl
+
+    def fallback_reason(self, op: str, q: Query, impl: Impl) -> str | None:
+        """Why a CUDA run of `op` took `reference` although the op has a GPU backend, or
+        None when it did not (CPU runs, and ops whose reference is their only
+        implementation, such as the collectives, are no fallback)."""
+        if q.device.type != "cuda" or impl.backend != "reference":
+            return None
+        others = [i for i in self.impls(op) if i.backend != "reference"]
+        if not others:
+            return None
+        if self._forced(op) == "reference":
+            return f"forced by TSCOMPILE_KERNELS={envs.TSCOMPILE_KERNELS.raw()!r}"
+        return "; ".join(f"{i.backend} refused: {i.requires.refuse(q) or 'lower priority'}"
+                         for i in others)
 
     def selections(self) -> dict[str, str]:
         """{"op@device/dtype": backend} for every selection made so far (run metadata)."""

@@ -8,7 +8,6 @@ the server (tsrun, runtime/server) or a scheduler; one request at a time.
 from __future__ import annotations
 
 import io
-import os
 import socket
 import traceback
 from dataclasses import dataclass
@@ -33,7 +32,6 @@ def free_port() -> int:
 def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple,
             queue: Any) -> None:
     torch.set_num_threads(1)
-    os.environ.setdefault("TSCOMPILE_RANK", str(rank))
     try:
         if world > 1:
             dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from tscompile.kernels import build_metadata
+from tscompile.kernels import REGISTRY, build_metadata
 from tscompile.runtime.cuda_graphs import DecodeGraphs
 
 if TYPE_CHECKING:
@@ -75,15 +75,33 @@ class BlockAllocator:
 def bind_rank(program: RankProgram, cfg: EngineConfig, num_blocks: int, max_model_len: int,
               dtype: torch.dtype, device: torch.device) -> DecodeGraphs | None:
     """Give a rank its KV caches (the scheduler's `num_blocks` plus the scratch block that
-    CUDA-graph padding writes to) and, on CUDA unless --enforce-eager, its decode graphs.
-    Every rank of a replica calls this with the same numbers, so they replay alike."""
+    CUDA-graph padding writes to), run one warm-up step into the scratch block, and, on
+    CUDA unless --enforce-eager, capture its decode graphs. Every rank of a replica calls
+    this with the same numbers, so they replay alike. Afterwards every kernel the program
+    uses has been selected: the log names each one (and a CUDA run warns for each op that
+    fell back to `reference`)."""
     program.bind_kv_caches(num_blocks + 1, cfg.page_size, dtype=cfg.cache_dtype(dtype),
                            device=device)
-    if device.type != "cuda" or cfg.enforce_eager:
-        return None
-    return DecodeGraphs(program, max_batch=cfg.max_graph_batch or cfg.max_num_seqs,
-                        max_blocks=-(-max_model_len // cfg.page_size),
-                        page_size=cfg.page_size, scratch_block=num_blocks, device=device)
+    warm_up(program, cfg.page_size, scratch_block=num_blocks, device=device)
+    graphs = None
+    if device.type == "cuda" and not cfg.enforce_eager:
+        graphs = DecodeGraphs(program, max_batch=cfg.max_graph_batch or cfg.max_num_seqs,
+                              max_blocks=-(-max_model_len // cfg.page_size),
+                              page_size=cfg.page_size, scratch_block=num_blocks, device=device)
+    log.info("kernels: %s", ", ".join(f"{k}={v}" for k, v in REGISTRY.selections().items()))
+    return graphs
+
+
+@torch.no_grad()
+def warm_up(program: RankProgram, page_size: int, *, scratch_block: int,
+            device: torch.device) -> None:
+    """One step of a decode (1 token) and a prefill (2 tokens), both in the scratch block:
+    selects (and on a GPU compiles) the kernels of both paths before the first request."""
+    prefill_blocks = [scratch_block] * -(-2 // page_size)
+    meta = build_metadata([1, 2], [1, 2], [[scratch_block], prefill_blocks], page_size,
+                          device=device)
+    program(torch.zeros(3, dtype=torch.int64, device=device),
+            torch.tensor([0, 0, 1], device=device), meta)
 
 
 def activation_peak(program: RankProgram, cfg: EngineConfig, max_model_len: int,

@@ -60,4 +60,10 @@ TSCOMPILE_LOG_KERNELS = EnvVar(
     "Log each kernel selection at INFO level (it is always recorded in the run metadata).",
 )
 
-ALL: tuple[EnvVar, ...] = (TSCOMPILE_KERNELS, TSCOMPILE_DUMP, TSCOMPILE_LOG_KERNELS)
+TSCOMPILE_CUDA_CACHE = EnvVar(
+    "TSCOMPILE_CUDA_CACHE", "", str,
+    "Directory of the compiled CUDA kernels (default ~/.cache/tscompile/cuda).",
+)
+
+ALL: tuple[EnvVar, ...] = (TSCOMPILE_KERNELS, TSCOMPILE_DUMP, TSCOMPILE_LOG_KERNELS,
+                           TSCOMPILE_CUDA_CACHE)

@@ -26,6 +26,8 @@ from typing import Any, Callable
 
 import torch
 
+from tscompile.kernels import REGISTRY
+
 FAMILIES = ("norm_rope_act", "gqa", "mla", "moe")
 
 
@@ -155,6 +157,7 @@ def main() -> None:
             row["family"] = fam
             rows.append(row)
             print(json.dumps(row), flush=True)
+            result["kernels"] = REGISTRY.selections()   # what the public ops dispatched to
             if args.out:                    # after every case: a timeout keeps what ran
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from tscompile import envs
+
 HERE = Path(__file__).resolve().parent
 MODULES = ("mla",)
 # gencode, not -arch=sm_90a: the shorthand also runs a plain sm_90 pass that rejects wgmma.
@@ -83,8 +85,7 @@ def wgmma_header() -> str:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("TSCOMPILE_CUDA_CACHE")
-                or Path.home() / ".cache" / "tscompile" / "cuda")
+    return Path(envs.TSCOMPILE_CUDA_CACHE.get() or Path.home() / ".cache" / "tscompile" / "cuda")
 
 
 def build(name: str, arch: tuple[int, int] = (9, 0), out_dir: Path | None = None) -> Path:

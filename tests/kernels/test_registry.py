@@ -94,3 +94,35 @@ def test_ops_trace_on_meta():
     # Fake implementations let the compiler trace on the meta device.
     x = torch.empty(3, 8, device="meta")
     assert rms_norm(x, torch.empty(8, device="meta"), 1e-6).shape == (3, 8)
+
+
+def _cuda_registry():
+    """Implementations a CUDA query can be asked about on a machine without a GPU (no arch
+    requirement, which would query the device)."""
+    r = Registry()
+    r.register("op", "reference")(lambda: "ref")
+    r.register("op", "triton", priority=10, requires=Requirements(
+        devices=frozenset({"cuda"}), dtypes=frozenset({torch.bfloat16})))(lambda: "triton")
+    r.register("only_ref", "reference")(lambda: "ref")      # e.g. a collective
+    return r
+
+
+def test_a_cuda_fallback_to_reference_warns_once_per_op_naming_why(monkeypatch, caplog):
+    r = _cuda_registry()
+    with caplog.at_level("WARNING", logger="tscompile.kernels"):
+        assert r.select("op", _q(torch.bfloat16, "cuda")).backend == "triton"
+        assert r.select("op", _q(torch.float32, "cuda")).backend == "reference"
+        r.select("op", _q(torch.float16, "cuda"))             # same op: no second warning
+        r.select("only_ref", _q(torch.float32, "cuda"))       # no other backend: no fallback
+        r.select("op", _q(torch.float32))                     # CPU: no fallback
+    warned = [m.getMessage() for m in caplog.records if m.levelname == "WARNING"]
+    assert warned == ["kernel op on cuda/float32 runs the reference implementation (slow): "
+                      "triton refused: dtype torch.float32 not in ['torch.bfloat16']"]
+
+
+def test_forcing_reference_on_cuda_warns_with_the_override(monkeypatch, caplog):
+    r = _cuda_registry()
+    monkeypatch.setenv("TSCOMPILE_KERNELS", "*=reference")
+    with caplog.at_level("WARNING", logger="tscompile.kernels"):
+        assert r.select("op", _q(torch.bfloat16, "cuda")).backend == "reference"
+    assert "forced by TSCOMPILE_KERNELS='*=reference'" in caplog.text

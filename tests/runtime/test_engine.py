@@ -336,3 +336,15 @@ def test_a_failed_step_fails_only_its_requests(prog, alone, monkeypatch):
     b = run_all(eng, [AddRequest("b", tuple(prompt), greedy(6))])["b"]
     assert b[-1].cached_tokens == 16                    # the pages of the good step only
     assert [t for o in b for t in o.token_ids] == alone(prompt, 6)
+
+
+def test_start_up_selects_and_logs_the_kernel_of_every_op(prog, monkeypatch, caplog):
+    """Before any request, the warm-up step has selected both the decode and the prefill
+    attention kernels, and the start-up log names each op's backend."""
+    from tscompile.kernels import REGISTRY
+    monkeypatch.setattr(REGISTRY, "_chosen", {})       # forget earlier tests' selections
+    with caplog.at_level("INFO", logger="tscompile.runtime.kv_cache"):
+        engine(prog)
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("kernels:"))
+    for op in ("gqa_decode", "gqa_prefill", "rms_norm", "rope", "silu_and_mul"):
+        assert f"{op}@cpu/float32=reference" in line, line

@@ -46,3 +46,23 @@ def test_model_files_are_single_device_code():
         for i, line in enumerate(path.read_text().splitlines(), 1):
             code = line.split("#")[0]
             assert not banned.search(code), f"{path.name}:{i}: {line.strip()}"
+
+
+def test_every_tscompile_environment_variable_lives_in_envs():
+    """STYLE.md §9: each TSCOMPILE_* name the tree uses is declared in tscompile/envs.py, and
+    only envs.py reads the environment for one."""
+    from tscompile import envs
+    declared = {v.name for v in envs.ALL}
+    used: dict[str, str] = {}
+    for folder in ("annotations", "codegen", "kernels", "models", "passes", "runtime",
+                   "tscompile", "benchmarks"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            text = path.read_text()
+            for name in re.findall(r"\bTSCOMPILE_[A-Z_]+\b", text):
+                used.setdefault(name, str(path.relative_to(ROOT)))
+            if path.name != "envs.py":
+                reads = re.findall(r"(?:environ(?:\.\w+)?|getenv)\(\s*[\"'](TSCOMPILE_\w+)", text)
+                reads += re.findall(r"environ\[\s*[\"'](TSCOMPILE_\w+)", text)
+                assert not reads, f"{path.relative_to(ROOT)} reads {reads} outside envs.py"
+    undeclared = {n: p for n, p in used.items() if n not in declared}
+    assert not undeclared, f"TSCOMPILE_* names not declared in tscompile/envs.py: {undeclared}"
