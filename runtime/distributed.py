@@ -18,8 +18,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tscompile.runtime.offline import PagedRunner, SamplingParams, generate
+from tscompile.runtime.offline import PagedRunner, generate
 from tscompile.runtime.program import RankProgram
+from tscompile.runtime.protocol import SamplingParams
 from tscompile.tsprog import read_tsprog
 
 

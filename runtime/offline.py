@@ -2,20 +2,23 @@
 
 What it is: the smallest correct engine over the forward contract, on any device: a set of
 sequences with block tables, a step that feeds new tokens (prefill chunks and decode tokens
-mixed, decodes first), and greedy/seeded sampling with the `sample` kernel. It is the
-reference path the serving runtime and the compiled program are checked against.
+mixed, decodes first), and greedy/seeded sampling with the `sample` kernel, taking the
+serving path's `protocol.SamplingParams` (one name, one set of defaults: pass
+temperature=0.0 for greedy). It is the reference path the serving runtime and the compiled
+program are checked against.
 What it is not: a scheduler (no preemption, no prefix sharing, no batching policy).
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from tscompile.kernels import build_metadata, sample
 from tscompile.runtime.kv_cache import BlockAllocator, bind_kv_caches
+from tscompile.runtime.protocol import SamplingParams
 
 
 @dataclass
@@ -88,34 +91,26 @@ class PagedRunner:
         return torch.cat(rows)
 
 
-@dataclass(frozen=True, slots=True)
-class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    seed: int = 0
-    stop_token_ids: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+def _check_offline(params: SamplingParams) -> None:
+    """The offline path samples with the `sample` kernel alone: what it cannot apply is an
+    error, not ignored."""
+    unsupported = [name for name, off in (("presence_penalty", 0.0), ("frequency_penalty", 0.0),
+                                          ("repetition_penalty", 1.0), ("logprobs", False))
+                   if getattr(params, name) != off]
+    if unsupported:
+        raise ValueError(f"offline generation does not apply {', '.join(unsupported)}; "
+                         f"serve the program with tsrun for those")
 
 
 def sample_one(logits: torch.Tensor, params: SamplingParams, offset: int) -> int:
+    """One token from `logits` [V]; `params.seed` None draws from torch's global generator."""
     dev = logits.device
+    seed = params.seed if params.seed is not None else int(torch.randint(2**62, ()))
     return int(sample(
         logits[None].float(), torch.tensor([params.temperature], device=dev),
         torch.tensor([params.top_k], dtype=torch.int32, device=dev),
         torch.tensor([params.top_p], device=dev), torch.tensor([params.min_p], device=dev),
-        torch.tensor([params.seed], dtype=torch.int64, device=dev),
+        torch.tensor([seed], dtype=torch.int64, device=dev),
         torch.tensor([offset], dtype=torch.int64, device=dev))[0])
 
 
@@ -128,6 +123,9 @@ def generate(runner: PagedRunner, prompt_ids: list[int], params: SamplingParams,
     broadcast), so all ranks feed the same ids."""
     if not prompt_ids:
         raise ValueError("the prompt is empty")
+    _check_offline(params)
+    if params.seed is None:          # one seed for the whole request, as the engine does
+        params = replace(params, seed=int(torch.randint(2**62, ())))
     sid = runner.add()
     try:
         chunk = prefill_chunk or len(prompt_ids)

@@ -52,9 +52,12 @@ from tscompile.runtime.protocol import SamplingParams, TokenLogprob
 
 _SAMPLE = direct_ops().sample    # the op's body: no custom-op wrapper cost per step
 
-# Columns of the per-slot parameter tables (one gather per table per step).
+# Per-slot parameter tables, one row per slot (one gather per table per step):
+#   float_params   [max_slots, 6] float32: the columns below
+#   int_params     [max_slots, 2] int64:   top_k, seed
+#   logprob_params [max_slots, 2] int64:   logprobs on (1) / off (-1), top_logprobs (-1: off)
 _TEMP, _TOP_P, _MIN_P, _PRES, _FREQ, _REP = range(6)
-_NEUTRAL_F = (0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+_NEUTRAL_FLOATS = (0.0, 1.0, 0.0, 0.0, 0.0, 1.0)    # a free slot's row
 _TOP_K, _SEED = range(2)
 
 
@@ -116,10 +119,11 @@ class BatchSampler:
         self.vocab_size = vocab_size
         self.device = torch.device(device)
         self._rng = random.Random(rng_seed)   # fresh seeds for requests with seed=None
-        self._f = torch.tensor([_NEUTRAL_F] * max_slots, dtype=torch.float32,
-                               device=self.device)
-        self._i = torch.zeros(max_slots, 2, dtype=torch.int64, device=self.device)
-        self._lp = torch.full((max_slots, 2), -1, dtype=torch.int64, device=self.device)
+        self._float_params = torch.tensor([_NEUTRAL_FLOATS] * max_slots, dtype=torch.float32,
+                                          device=self.device)
+        self._int_params = torch.zeros(max_slots, 2, dtype=torch.int64, device=self.device)
+        self._logprob_params = torch.full((max_slots, 2), -1, dtype=torch.int64,
+                                          device=self.device)
         # Host-side bookkeeping (admission/validation only).
         self._params: list[SamplingParams | None] = [None] * max_slots
         self._active_cpu = torch.zeros(max_slots, dtype=torch.bool)
@@ -175,11 +179,11 @@ class BatchSampler:
             seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         seed = _as_int64_seed(seed)
 
-        self._f[slot] = torch.tensor(
+        self._float_params[slot] = torch.tensor(
             (params.temperature, params.top_p, params.min_p, params.presence_penalty,
              params.frequency_penalty, params.repetition_penalty), dtype=torch.float32)
-        self._i[slot] = torch.tensor((params.top_k, seed), dtype=torch.int64)
-        self._lp[slot] = torch.tensor(
+        self._int_params[slot] = torch.tensor((params.top_k, seed), dtype=torch.int64)
+        self._logprob_params[slot] = torch.tensor(
             (1 if params.logprobs else -1, params.top_logprobs if params.logprobs else -1),
             dtype=torch.int64)
         if penalised:
@@ -208,9 +212,9 @@ class BatchSampler:
         params = self._params[slot]
         if params is None:
             raise ValueError(f"slot {slot} is not admitted")
-        self._f[slot] = torch.tensor(_NEUTRAL_F, dtype=torch.float32)
-        self._i[slot] = 0
-        self._lp[slot] = -1
+        self._float_params[slot] = torch.tensor(_NEUTRAL_FLOATS, dtype=torch.float32)
+        self._int_params[slot] = 0
+        self._logprob_params[slot] = -1
         if params.logprobs:
             self._top_counts[params.top_logprobs] -= 1
             if not self._top_counts[params.top_logprobs]:
@@ -257,7 +261,7 @@ class BatchSampler:
         Returns `logits` itself when no active request uses a penalty."""
         if self._counts is None:
             return logits
-        f = self._f[slots]
+        f = self._float_params[slots]
         rep, pres, freq = f[:, _REP:_REP + 1], f[:, _PRES:_PRES + 1], f[:, _FREQ:_FREQ + 1]
         counts = self._counts[slots]                       # [S, V] int32
         x = logits.float()
@@ -295,8 +299,8 @@ class BatchSampler:
         if greedy:
             token_ids = x.argmax(dim=-1)
         else:
-            f = self._f[slots]
-            i = self._i[slots]
+            f = self._float_params[slots]
+            i = self._int_params[slots]
             token_ids = _SAMPLE(x, f[:, _TEMP], i[:, _TOP_K], f[:, _TOP_P], f[:, _MIN_P],
                                   i[:, _SEED], offsets)
         self.record(slots, token_ids)
@@ -304,7 +308,7 @@ class BatchSampler:
             return SampleResult(token_ids)
 
         # Raw logprobs (see the module docstring) for every row of the step.
-        lp_state = self._lp[slots]
+        lp_state = self._logprob_params[slots]
         lp = torch.log_softmax(logits.float(), dim=-1)
         k = min(max(self._top_counts), self.vocab_size)
         top_lp, top_ids = lp.topk(k, dim=-1, sorted=True)

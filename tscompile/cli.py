@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from tscompile.runtime.offline import SamplingParams
+from tscompile.runtime.protocol import SamplingParams
 
-_DEFAULTS = SamplingParams()
+# `generate` is a reproducible offline check: greedy and seed 0 unless asked otherwise.
+_DEFAULTS = SamplingParams(temperature=0.0, seed=0)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -184,11 +184,12 @@ def test_big_presets_build_on_meta(preset, low, high):
 
 def test_tiny_presets_build_and_run():
     from tscompile.runtime import load_model
-    from tscompile.runtime.offline import PagedRunner, SamplingParams, generate
+    from tscompile.runtime.offline import PagedRunner, generate
+    from tscompile.runtime.protocol import SamplingParams
     for preset in ("tiny", "tiny-moe"):
         model, cfg = load_model("qwen3", preset=preset, dummy_weights=True)
         out = generate(PagedRunner(model, page_size=4, num_blocks=16), [1, 2, 3, 4, 5],
-                       SamplingParams(max_tokens=4))
+                       SamplingParams(max_tokens=4, temperature=0.0))
         assert len(out) == 4 and all(0 <= t < cfg.vocab_size for t in out)
 
 

@@ -9,7 +9,8 @@ import torch
 
 from tscompile.cli import main as tscompile_main
 from tscompile.runtime import load_model
-from tscompile.runtime.offline import PagedRunner, SamplingParams, generate
+from tscompile.runtime.offline import PagedRunner, generate
+from tscompile.runtime.protocol import SamplingParams
 from tscompile.tokenizer import Tokenizer
 
 from .parity import hf_greedy_tokens
@@ -40,7 +41,7 @@ def test_greedy_matches_transformers(smollm2_hf, ours, prompt):
     first = runner.step([(sid, ids)])[0]
     runner.free(sid)
     assert (first - hf_first).abs().max().item() < 1e-3
-    got = generate(runner, ids, SamplingParams(max_tokens=STEPS))  # no stop ids: all 32
+    got = generate(runner, ids, SamplingParams(max_tokens=STEPS, temperature=0.0))  # no stop ids: all 32
     assert got == want, f"\nours {tok.decode(got)!r}\nhf   {tok.decode(want)!r}"
 
 

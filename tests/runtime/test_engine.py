@@ -12,7 +12,6 @@ from tscompile.runtime import load_model
 from tscompile.runtime.cuda_graphs import DecodeGraphs, bucket_sizes
 from tscompile.runtime.engine import Engine, EngineConfig
 from tscompile.runtime.offline import PagedRunner, generate
-from tscompile.runtime.offline import SamplingParams as OfflineParams
 from tscompile.runtime.program import RankProgram
 from tscompile.runtime.protocol import AddRequest, SamplingParams
 
@@ -31,7 +30,7 @@ def alone():
 
     def run(prompt, n):
         runner = PagedRunner(model, page_size=4, num_blocks=64)
-        return generate(runner, list(prompt), OfflineParams(max_tokens=n))
+        return generate(runner, list(prompt), greedy(n))
     return run
 
 
@@ -282,7 +281,7 @@ def test_fp8_kv_cache_engine_equals_the_offline_path_on_an_fp8_cache(prog):
     outs = run_all(eng, reqs)
     for r, p in zip(reqs, PROMPTS):
         runner = PagedRunner(model, page_size=4, num_blocks=64, dtype=torch.float8_e4m3fn)
-        want = generate(runner, list(p), OfflineParams(max_tokens=r.params.max_tokens))
+        want = generate(runner, list(p), greedy(r.params.max_tokens))
         assert [t for o in outs[r.rid] for t in o.token_ids] == want, r.rid
     assert eng.stats().preemptions > 0
     with pytest.raises(ValueError, match="--kv-cache-dtype must be one of"):
@@ -348,3 +347,16 @@ def test_start_up_selects_and_logs_the_kernel_of_every_op(prog, monkeypatch, cap
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("kernels:"))
     for op in ("gqa_decode", "gqa_prefill", "rms_norm", "rope", "silu_and_mul"):
         assert f"{op}@cpu/float32=reference" in line, line
+
+
+def test_offline_generation_refuses_what_it_cannot_apply():
+    """The offline path takes the serving SamplingParams; a penalty or logprobs it would not
+    apply is an error, not ignored."""
+    model, _ = load_model("llama", preset="tiny", dummy_weights=True, seed=SEED)
+    runner = PagedRunner(model, page_size=4, num_blocks=16)
+    for bad in (dict(presence_penalty=0.5), dict(repetition_penalty=1.2),
+                dict(logprobs=True)):
+        with pytest.raises(ValueError, match=f"does not apply {next(iter(bad))}"):
+            generate(runner, [1, 2, 3], SamplingParams(max_tokens=2, **bad))
+    seeded = SamplingParams(max_tokens=5, temperature=1.0, seed=7)
+    assert generate(runner, [1, 2, 3], seeded) == generate(runner, [1, 2, 3], seeded)

@@ -28,7 +28,6 @@ from tscompile.runtime.distributed import free_port
 from tscompile.runtime.engine import Engine, EngineConfig
 from tscompile.runtime.kv_cache import bind_rank, kv_blocks
 from tscompile.runtime.offline import PagedRunner, generate
-from tscompile.runtime.offline import SamplingParams as OfflineParams
 from tscompile.runtime.program import RankProgram
 from tscompile.runtime.protocol import AddRequest, SamplingParams
 from tscompile.runtime.step_io import broadcast_step, follow_steps, set_control_group
@@ -95,8 +94,8 @@ def test_two_ranks_padded_decode_over_a_side_group_equal_each_request_alone(tmp_
     model, _ = load_model("llama", preset="tiny", dummy_weights=True, seed=SEED)
     for i, p in enumerate(PROMPTS):
         runner = PagedRunner(model, page_size=PAGE, num_blocks=64)
-        assert got[0]["tokens"][f"r{i}"] == generate(runner, list(p),
-                                                     OfflineParams(max_tokens=5 + 2 * i))
+        want = generate(runner, list(p), SamplingParams(max_tokens=5 + 2 * i, temperature=0.0))
+        assert got[0]["tokens"][f"r{i}"] == want
 
 
 class _FileQueue:
@@ -124,7 +123,6 @@ def _served_rank_failing(rank: int, port: int, prog: str, out: Path) -> None:
 
     import tscompile.runtime.engine as engine_mod
     from tscompile.runtime import serve
-    from tscompile.runtime.protocol import AddRequest as Add
 
     def broken(*args, **kw):
         raise RuntimeError("injected failure on rank 0")
@@ -132,7 +130,8 @@ def _served_rank_failing(rank: int, port: int, prog: str, out: Path) -> None:
     if rank == 0:
         engine_mod.run_step = broken
         for i, p in enumerate(PROMPTS[:2]):
-            requests.put(Add(f"r{i}", tuple(p), SamplingParams(max_tokens=4, temperature=0.0)))
+            params = SamplingParams(max_tokens=4, temperature=0.0)
+            requests.put(AddRequest(f"r{i}", tuple(p), params))
     cfg = serve.ServeConfig(program=prog, dummy_weights=True, seed=SEED, threads_per_rank=1,
                             engine=CFG)
     serve._rank_main(rank, 2, port, cfg, (), requests, _FileQueue(out / f"outputs{rank}.pkl"),

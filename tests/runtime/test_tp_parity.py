@@ -16,7 +16,8 @@ from tscompile.build import build
 from tscompile.models.checkpoint import loadable_tensors, resolve
 from tscompile.runtime import load_model
 from tscompile.runtime.distributed import StepsJob, generate_compiled, run_steps
-from tscompile.runtime.offline import PagedRunner, SamplingParams
+from tscompile.runtime.offline import PagedRunner
+from tscompile.runtime.protocol import SamplingParams
 
 from ..models.parity import hf_greedy_tokens
 from .test_shards import save
@@ -122,5 +123,6 @@ def test_smollm2_real_weights_tp2_greedy_equals_transformers(smollm2_dir, smollm
         [{"role": "user", "content": "What is the capital of France?"}]))
     prog = build("llama", preset="smollm2-135m", mesh=Mesh.build(2, attn_tp=1)).save(
         tmp_path / "smollm2.tsprog")
-    ours = generate_compiled(prog, prompt, SamplingParams(max_tokens=24), weights=smollm2_dir)
+    ours = generate_compiled(prog, prompt, SamplingParams(max_tokens=24, temperature=0.0),
+                             weights=smollm2_dir)
     assert ours == hf_greedy_tokens(smollm2_hf, prompt, 24)

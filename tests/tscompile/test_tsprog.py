@@ -10,7 +10,8 @@ from tscompile.annotations import Mesh
 from tscompile.build import build
 from tscompile.cli import main
 from tscompile.runtime import load_model
-from tscompile.runtime.offline import PagedRunner, SamplingParams, generate
+from tscompile.runtime.offline import PagedRunner, generate
+from tscompile.runtime.protocol import SamplingParams
 from tscompile.tsprog import FORMAT_VERSION, TsprogError, read_tsprog
 
 
@@ -87,4 +88,4 @@ def test_generate_with_compiled_program_equals_single_device(prog, capsys):
     ours = json.loads(capsys.readouterr().out)["output_ids"]
     model, _ = load_model("qwen3", preset="tiny-moe", dummy_weights=True, seed=4)
     runner = PagedRunner(model, page_size=16, num_blocks=4)
-    assert ours == generate(runner, ids, SamplingParams(max_tokens=6))
+    assert ours == generate(runner, ids, SamplingParams(max_tokens=6, temperature=0.0))
