@@ -10,7 +10,6 @@ the default process group, so one rank of a world-1 program needs no process gro
 from __future__ import annotations
 
 import importlib
-import inspect
 import sys
 import types
 from pathlib import Path
@@ -116,10 +115,7 @@ class RankProgram:
             cache = torch.zeros(shape, dtype=dtype, device=device)
             self.tensors[name] = cache
             self.caches.append(cache)
-        # Programs generated before `ops` existed call torch.ops.tscompile directly.
-        takes_ops = "ops" in inspect.signature(self._program_cls).parameters
-        self._program = (self._program_cls(self.rank, self.tensors, ops=direct_ops())
-                         if takes_ops else self._program_cls(self.rank, self.tensors))
+        self._program = self._program_cls(self.rank, self.tensors, ops=direct_ops())
         return self.caches
 
     def unbind_kv_caches(self) -> None:

@@ -12,8 +12,8 @@ onnx = pytest.importorskip("onnx")
 
 from tscompile.annotations import Mesh  # noqa: E402
 from tscompile.build import build  # noqa: E402
-from tscompile.onnx_export import (COLLECTIVES, DOMAIN, FALLBACK_DOMAIN, export_onnx,  # noqa: E402
-                                   to_onnx)
+from tscompile.onnx import (COLLECTIVES, DOMAIN, FALLBACK_DOMAIN, export_onnx,  # noqa: E402
+                            to_onnx)
 from tscompile.tsprog import Tsprog, read_tsprog  # noqa: E402
 
 CONFIGS = {
@@ -438,15 +438,10 @@ def test_a_refused_mapping_leaves_no_nodes_behind():
     assert graph[3].input[1] == graph[2].output[0]
 
 
-def test_op_tables_are_disjoint_and_the_shim_is_the_package():
-    """Each op family's table owns its ops (a clash would silently shadow a handler), and the
-    old import path serves the package's functions."""
-    import tscompile.onnx as pkg
-    import tscompile.onnx_export as shim
+def test_op_tables_are_disjoint():
+    """Each op family's table owns its ops (a clash would silently shadow a handler)."""
     from tscompile.onnx import indexing, shapes, standard
     from tscompile.onnx.exporter import HANDLERS
     tables = [standard.OPS, shapes.OPS, indexing.OPS]
     assert sum(map(len, tables)) == len(HANDLERS)
     assert {"linear", "add", "method:view", "getitem", "cat", "stack"} <= set(HANDLERS)
-    assert (shim.export_onnx, shim.to_onnx, shim.OnnxExport) == (
-        pkg.export_onnx, pkg.to_onnx, pkg.OnnxExport)

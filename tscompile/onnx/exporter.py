@@ -41,11 +41,8 @@ class Exporter:
         onnx = onnx_module()
         self.onnx, self.helper = onnx, onnx.helper
         self.prog, self.rank = prog, rank
-        if "graph.json" not in prog.files:
-            raise ValueError(f"{prog.path}: no graph.json in this .tsprog (built by an older "
-                             f"tscompile?); rebuild it with `tscompile build`")
         self.g = json.loads(prog.files["graph.json"])
-        self.world = int(self.g.get("world_size", prog.world_size))
+        self.world = int(self.g["world_size"])
         if not 0 <= rank < self.world:
             raise ValueError(f"rank {rank} is outside the program's world of {self.world} ranks")
         self.dtypes = dtype_map()
@@ -62,7 +59,7 @@ class Exporter:
         self.transposed: dict[str, str] = {}    # weight value -> its Transpose output
         self.out_names: dict[tuple[str, int], str] = {}
         self.cur: dict[str, Any] = {}            # the fx node being exported
-        self._plans = prog.manifest.get("tensors", {}) or {}
+        self._plans = prog.manifest["tensors"]
 
     # ---------------------------------------------------------------- types and values
     def elem(self, dtype: str | None) -> int:
