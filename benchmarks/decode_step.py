@@ -15,6 +15,7 @@ import argparse
 import cProfile
 import io
 import json
+import logging
 import platform
 import pstats
 import statistics
@@ -85,6 +86,8 @@ def main() -> None:
     ap.add_argument("--profile", help="cProfile 20 steps of each configuration into "
                                       "PREFIX_b<batch>_<graphs|eager>.txt")
     a = ap.parse_args()
+    # INFO: the start-up lines name each op's kernel; a reference fallback on CUDA warns.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from benchmarks.kernels.harness import roofs
 
     device = torch.device("cuda")
