@@ -108,6 +108,9 @@ def test_abort_frees_kv_and_errors_do_not_stop_the_engine(prog):
     assert eng.stats().kv_blocks_used == 0 and not eng.has_work
     bad = eng.add(AddRequest("y", (1, 999), greedy(2)))
     assert bad.finish_reason == "error" and "999 outside the vocabulary" in bad.error
+    bad_stop = eng.add(AddRequest("y2", (1, 2), SamplingParams(max_tokens=2,
+                                                                stop_token_ids=(256,))))
+    assert "stop token id 256 outside the vocabulary [0, 256)" in bad_stop.error
     long = eng.add(AddRequest("z", tuple([1] * 600), greedy(2)))
     assert "does not fit max_model_len 512" in long.error
     assert eng.add(AddRequest("w", (1, 2), greedy(2))) is None
