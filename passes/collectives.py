@@ -20,7 +20,7 @@ import torch
 from torch import fx
 
 from tscompile.annotations import Partial, Placement, Replicate, Shard
-from tscompile.passes.ir import Stage, tensor_args
+from tscompile.passes.ir import Stage, TensorVal, tensor_args
 
 INF = float("inf")
 
@@ -76,9 +76,16 @@ def _emit(graph: fx.Graph, x: fx.Node, src: Placement, dst: Placement, world: in
             pieces.append(graph.call_function(torch.narrow, (x, dst.dim, s, part)))
         if dst.chunks == 1:
             return pieces[0], "slice"
+        # Piece k is chunk k of x (size / chunks on dim d), of which this rank holds S(d).
+        chunk = Shard(dst.dim)
+        v = x.meta["val"]
+        shape = tuple(size / dst.chunks if i == dst.dim else n for i, n in enumerate(v.shape))
         for p in pieces:
-            p.meta.update(scope=x.meta.get("scope", ""), region=None, val=x.meta["val"])
-        return graph.call_function(torch.cat, (pieces, dst.dim)), "slice"
+            p.meta.update(scope=x.meta.get("scope", ""), region=None,
+                          val=TensorVal(shape, v.dtype), placement=chunk)
+        cat = graph.call_function(torch.cat, (pieces, dst.dim))
+        cat.meta["wants"] = tuple(chunk for _ in pieces)
+        return cat, "slice"
     if isinstance(src, Shard) and isinstance(dst, Shard):              # row 5
         return (graph.call_function(ops.all_to_all.default, (x, dst.dim, src.dim)),
                 "all_to_all")
@@ -90,7 +97,6 @@ def insert_collectives(stage: Stage) -> Stage:
     st = stage.copy("insert_collectives")
     graph = st.gm.graph
     world = st.mesh.world_size
-    inserted = []
     done: dict[tuple[fx.Node, Placement], fx.Node] = {}   # one collective per (value, target)
     for node in list(graph.nodes):
         wants = node.meta.get("wants")
@@ -107,12 +113,11 @@ def insert_collectives(stage: Stage) -> Stage:
             if new is None:
                 with graph.inserting_before(node):
                     new, kind = _emit(graph, a, have, want, world)
+                new.meta.setdefault("wants", (have,))      # a chunked slice set its own
                 new.meta.update(scope=node.meta.get("scope", ""), region=None,
-                                val=a.meta["val"], placement=want, wants=(have,),
+                                val=a.meta["val"], placement=want,
                                 collective={"kind": kind, "from": str(have), "to": str(want),
                                             "value": a.name})
                 done[(a, want)] = new
-                inserted.append(new)
             node.replace_input_with(a, new)
-    st.facts["collectives"] = [n.name for n in inserted]
     return st

@@ -60,11 +60,13 @@ def localize(stage: Stage) -> Stage:
         if n.op in ("call_method", "call_function") and isinstance(p, Shard):
             name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
             if name in ("view", "reshape"):
-                sizes = list(n.args[1] if isinstance(n.args[1], (list, tuple)) else n.args[1:])
+                # x.view(a, b), x.view((a, b)), torch.reshape(x, (a, b)): keep the form
+                packed = isinstance(n.args[1], (list, tuple))
+                sizes = list(n.args[1] if packed else n.args[1:])
                 s = sizes[p.dim]
                 if isinstance(s, int) and s != -1:
                     sizes[p.dim] = s // world
-                    n.args = (n.args[0], *sizes)
+                    n.args = (n.args[0], tuple(sizes)) if packed else (n.args[0], *sizes)
         if isinstance(p, tuple) and n.op in ("call_method", "call_function") and \
                 getattr(n.target, "__name__", n.target) == "split":
             src = n.args[0].meta.get("placement")

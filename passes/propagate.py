@@ -14,7 +14,8 @@ choose every parameter's sharding.
   collective in the next pass.
 * A region whose group has one rank is replicated throughout (its P boundary is R).
 What it is not: it inserts nothing; it only annotates node.meta['placement'/'wants'] and
-records the parameter plan in stage.facts['param_placements'].
+records the parameter plan in stage.facts['param_placements'] and the redistributions it
+asked for, (value, from, to), in stage.facts['redistributions'].
 """
 from __future__ import annotations
 
@@ -210,7 +211,19 @@ def propagate(stage: Stage) -> Stage:
                                  f"{params[n.target]} and {p}; hint: pin it with "
                                  f"@placement(params=...)")
     st.facts["param_placements"] = params
+    st.facts["redistributions"] = _asked(graph, assign, wants)
     return st
+
+
+def _asked(graph: fx.Graph, assign: dict, wants: dict) -> list[tuple[str, str, str]]:
+    """(value, from, to) for every distinct (value, wanted placement) that differs from
+    the value's own: what insert_collectives must lower and verify checks it did."""
+    asked: dict[tuple[str, str, str], None] = {}
+    for n in graph.nodes:
+        for a, w in zip(tensor_args(n), wants.get(n, ())):
+            if assign.get(a) != w:
+                asked[(a.name, str(assign.get(a)), str(w))] = None
+    return list(asked)
 
 
 def _solve_region(st: Stage, region: tuple[str, str], nodes: list[fx.Node],

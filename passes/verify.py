@@ -6,12 +6,14 @@ Checks (each failure is a compiler bug, reported with the node):
 * no collective sits inside an annotated module (local SPMD held);
 * no boundary marker is left;
 * the collectives are exactly the redistributions propagation asked for (one per distinct
-  (value, wanted placement) pair), fused forms counted as their all-reduce.
+  (value, wanted placement) pair, stage.facts['redistributions']), fused forms counted as
+  their all-reduce.
 Result: stage.facts['schedule'], one entry per collective in program order with its layer.
 """
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 from tscompile.passes.ir import Stage, fmt_val, tensor_args
 
@@ -45,8 +47,14 @@ def verify(stage: Stage) -> Stage:
                          "layer": int(m.group(1)) if m else None,
                          "scope": n.meta.get("scope", ""), "value": c["value"],
                          "shape": fmt_val(n.meta.get("val"))})
-    expected = len(stage.facts.get("collectives", []))
-    if len(schedule) != expected:
-        raise VerifyError(f"{len(schedule)} collectives in the graph, {expected} inserted")
+    # Against propagation's own record, not insert_collectives' tags: a pass that drops a
+    # collective and rewrites its consumer's `wants` to match passes the edge check above.
+    asked = Counter(stage.facts["redistributions"])
+    done = Counter((c["value"], c["from"], c["to"]) for c in schedule)
+    if asked != done:
+        missing = sorted((asked - done).elements())
+        extra = sorted((done - asked).elements())
+        raise VerifyError(f"the collectives differ from the redistributions propagation asked "
+                          f"for: missing {missing}, not asked for {extra} ((value, from, to))")
     st.facts["schedule"] = schedule
     return st

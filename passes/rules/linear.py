@@ -7,8 +7,10 @@
 From a spec: a letter kept in the output may be sharded in every input that has it (the
 output is sharded there: column parallel when it is `n`); a contracted letter sharded in
 every input gives a partial sum P (row parallel). With a bias, only `n` may be sharded
-(a bias cannot be a partial sum: it would be added once per rank). Linear in x: x = P with
-everything else R gives P. `n` may carry chunks (a fused [gate ; up] weight, S(0)x2).
+(a bias cannot be a partial sum: it would be added once per rank); a biased linear leaves a
+note naming its weight and bias, so a region that needed it row parallel says why it was
+refused. Linear in x: x = P with everything else R gives P. `n` may carry chunks (a fused
+[gate ; up] weight, S(0)x2).
 """
 from __future__ import annotations
 
@@ -48,21 +50,32 @@ def einsum_strategies(spec: str, args: list[fx.Node], *, chunk_letters: str = ""
             ins = tuple(Shard(op.index(c), chunks) if c in op else R for op in letters)
             found.append(Strategy(ins, Shard(out.index(c), chunks)))
     contracted = [c for c in dict.fromkeys("".join(letters)) if c not in out]
-    for c in contracted:
-        if all(c in op for i, op in enumerate(letters) if i != additive) and additive < 0:
-            found.append(Strategy(tuple(Shard(op.index(c)) for op in letters), P))
+    if additive < 0:                  # with a bias, P would add it once per rank
+        for c in contracted:
+            if all(c in op for op in letters):
+                found.append(Strategy(tuple(Shard(op.index(c)) for op in letters), P))
     found.append(Strategy(tuple(R for _ in letters), R))
     if linear_first and additive < 0:
         found.append(Strategy((P,) + tuple(R for _ in letters[1:]), P))
     return found
 
 
+def _name(a: fx.Node) -> str:
+    return a.target if a.op == "get_attr" else a.name
+
+
 @rule("linear")
 def linear(node: fx.Node, ctx: Ctx) -> list[Strategy]:
     args = tensor_args(node)
-    has_bias = len(args) == 3
-    return einsum_strategies("...k,nk,n->...n" if has_bias else "...k,nk->...n", args,
-                             chunk_letters="n", additive=2 if has_bias else -1)
+    if len(args) < 3:
+        return einsum_strategies("...k,nk->...n", args, chunk_letters="n")
+    # Row parallel with a bias is refused, not lowered (issue 17: add the bias on one
+    # rank only). Said up front: the search may fail far from here, e.g. at a P boundary.
+    ctx.notes.append(
+        f"{_name(args[1])} has a bias ({_name(args[2])}): splitting its input dim (row "
+        f"parallel) is not supported, the bias would be added once per rank (use bias=False "
+        f"in {node.meta.get('scope') or '<root>'}, or keep it column parallel or replicated)")
+    return einsum_strategies("...k,nk,n->...n", args, chunk_letters="n", additive=2)
 
 
 @rule("matmul", "method:matmul", "bmm")

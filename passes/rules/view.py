@@ -81,20 +81,29 @@ def _norm(d: int, n: int) -> int:
     return d % n if n else d
 
 
-@rule("method:transpose", "transpose", "method:permute", "permute", "method:t")
-def transpose(node: fx.Node, ctx: Ctx) -> list[Strategy]:
-    n = node.args[0].meta["val"].ndim
-    if str(node.target) in ("permute",) or node.target == "permute":
-        perm = node.args[1:] if not isinstance(node.args[1], (list, tuple)) else node.args[1]
-        perm = [_norm(d, n) for d in perm]
-    else:
-        d0, d1 = (_norm(node.args[1], n), _norm(node.args[2], n)) if len(node.args) > 2 else (0, 1)
-        perm = list(range(n))
-        perm[d0], perm[d1] = perm[d1], perm[d0]
-
+def _moved(node: fx.Node, ctx: Ctx, perm: list[int]) -> list[Strategy]:
+    """The output's dim i is the input's dim perm[i]: a shard moves with its dim."""
     def fn(p):
         return Shard(perm.index(p.dim), p.chunks) if isinstance(p, Shard) else p
     return follow(node, ctx, node.args[0], fn)
+
+
+@rule("method:permute", "permute")
+def permute(node: fx.Node, ctx: Ctx) -> list[Strategy]:
+    # torch.permute(x, dims) and x.permute(dims) take one sequence, x.permute(*dims) many.
+    dims = node.kwargs.get("dims", node.args[1] if len(node.args) == 2 else node.args[1:])
+    dims = dims if isinstance(dims, (list, tuple)) else (dims,)
+    n = node.args[0].meta["val"].ndim
+    return _moved(node, ctx, [_norm(d, n) for d in dims])
+
+
+@rule("method:transpose", "transpose", "method:t")
+def transpose(node: fx.Node, ctx: Ctx) -> list[Strategy]:
+    n = node.args[0].meta["val"].ndim
+    d0, d1 = (0, 1) if node.target == "t" else (_arg(node, 1, "dim0"), _arg(node, 2, "dim1"))
+    perm = list(range(n))
+    perm[_norm(d0, n)], perm[_norm(d1, n)] = perm[_norm(d1, n)], perm[_norm(d0, n)]
+    return _moved(node, ctx, perm)
 
 
 @rule("method:unsqueeze", "unsqueeze")
