@@ -159,7 +159,8 @@ class Engine:
         if req.rid in self.keys:
             return error(f"request id {req.rid!r} is already running")
         p = req.params
-        for what, ids in (("prompt", req.prompt_ids), ("stop", p.stop_token_ids)):
+        for what, ids in (("prompt", req.prompt_ids), ("stop", p.stop_token_ids),
+                          ("logit_bias", [t for t, _ in p.logit_bias])):
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
             if bad:
                 return error(f"{what} token id {bad[0]} outside the vocabulary "

@@ -95,7 +95,8 @@ def _check_offline(params: SamplingParams) -> None:
     """The offline path samples with the `sample` kernel alone: what it cannot apply is an
     error, not ignored."""
     unsupported = [name for name, off in (("presence_penalty", 0.0), ("frequency_penalty", 0.0),
-                                          ("repetition_penalty", 1.0), ("logprobs", False))
+                                          ("repetition_penalty", 1.0), ("logprobs", False),
+                                          ("logit_bias", ()))
                    if getattr(params, name) != off]
     if unsupported:
         raise ValueError(f"offline generation does not apply {', '.join(unsupported)}; "

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 1024               # OpenAI: at most 1024 entries, each in [-100, 100]
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +32,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, added to its logit)
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -54,6 +56,19 @@ class SamplingParams:
             raise bad("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}]")
         if self.top_logprobs and not self.logprobs:
             raise bad("top_logprobs", "needs logprobs=true")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias: at most {MAX_LOGIT_BIAS} entries, "
+                             f"got {len(self.logit_bias)}")
+        seen = set()
+        for tok, bias in self.logit_bias:
+            if not isinstance(tok, int) or tok < 0:
+                raise ValueError(f"logit_bias: token ids must be non-negative ints, got {tok!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias: values must be in [-100, 100], got {bias!r} "
+                                 f"for token {tok}")
+            if tok in seen:
+                raise ValueError(f"logit_bias: token {tok} is given twice")
+            seen.add(tok)
 
 
 # ------------------------------------------------------------------ API -> engine

@@ -8,9 +8,12 @@ drawn tokens for the penalties of later steps. The only per-request Python is in
 `release`, and in `SampleResult.token_logprobs()` (the conversion to protocol values that
 the engine does per request anyway).
 What it is not: the scheduler (which request owns which slot), stop handling (the engine
-checks stop ids / max_tokens on the returned ids), logit bias or guided decoding.
+checks stop ids / max_tokens on the returned ids) or guided decoding.
 
 Semantics, in the order applied (vLLM V1's):
+* Logit bias (OpenAI's `logit_bias`), added to the fp32 logits of the biased rows first;
+  the rows of requests without one are untouched. Sparse: (row, token) pairs of the step's
+  biased rows only, built on the host when such a row is in the step.
 * Penalties, on fp32 logits: repetition first (HF/vLLM: for tokens seen in the prompt *or*
   the output, `logit / p` if `logit > 0` else `logit * p`), then frequency and presence on
   generated tokens only (OpenAI/vLLM: `logit -= frequency * count`, then
@@ -129,6 +132,7 @@ class BatchSampler:
         self._active_cpu = torch.zeros(max_slots, dtype=torch.bool)
         self._greedy_cpu = torch.zeros(max_slots, dtype=torch.bool)   # temperature == 0
         self._penalised: set[int] = set()
+        self._bias: dict[int, tuple[list[int], list[float]]] = {}   # slot -> (ids, values)
         self._top_counts: Counter[int] = Counter()   # top_logprobs of active logprob slots
         self._counts: torch.Tensor | None = None     # [max_slots, V] int32 output counts
         self._seen: torch.Tensor | None = None       # [max_slots, V] bool prompt | output
@@ -171,6 +175,10 @@ class BatchSampler:
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         if self._params[slot] is not None:
             raise ValueError(f"slot {slot} is already admitted; release it first")
+        bad = [t for t, _ in params.logit_bias if t >= self.vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias: token id {bad[0]} outside the vocabulary "
+                             f"[0, {self.vocab_size})")
         penalised = _uses_penalty(params)
         if penalised:   # validate before any state changes
             prompt = self._token_tensor(prompt_ids, "prompt_ids")
@@ -201,6 +209,9 @@ class BatchSampler:
             self._penalised.add(slot)
         if params.logprobs:
             self._top_counts[params.top_logprobs] += 1
+        if params.logit_bias:
+            self._bias[slot] = ([t for t, _ in params.logit_bias],
+                                [float(b) for _, b in params.logit_bias])
         self._params[slot] = params
         self._active_cpu[slot] = True
         self._greedy_cpu[slot] = params.temperature == 0
@@ -215,6 +226,7 @@ class BatchSampler:
         self._float_params[slot] = torch.tensor(_NEUTRAL_FLOATS, dtype=torch.float32)
         self._int_params[slot] = 0
         self._logprob_params[slot] = -1
+        self._bias.pop(slot, None)
         if params.logprobs:
             self._top_counts[params.top_logprobs] -= 1
             if not self._top_counts[params.top_logprobs]:
@@ -256,6 +268,27 @@ class BatchSampler:
             if torch.unique(slots).numel() != s:
                 raise ValueError(f"slots repeat within a step: {slots.tolist()}")
 
+    def apply_logit_bias(self, logits: torch.Tensor, host_slots: list[int] | None
+                         ) -> torch.Tensor:
+        """fp32 copy of `logits` with each biased row's (token, bias) pairs added; `logits`
+        itself when no row of the step has a bias. `host_slots`: the step's slots, row by
+        row (None: no active request has a bias)."""
+        if not host_slots:
+            return logits
+        rows, cols, vals = [], [], []
+        for row, slot in enumerate(host_slots):
+            if (bias := self._bias.get(slot)) is not None:
+                rows += [row] * len(bias[0])
+                cols += bias[0]
+                vals += bias[1]
+        if not rows:
+            return logits
+        x = logits.float().clone()
+        dev = x.device
+        x.index_put_((torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)),
+                     torch.tensor(vals, dtype=torch.float32, device=dev), accumulate=True)
+        return x
+
     def apply_penalties(self, logits: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """fp32 penalised copy of `logits` (rows for `slots`); the input is not modified.
         Returns `logits` itself when no active request uses a penalty."""
@@ -292,10 +325,11 @@ class BatchSampler:
         # the argmax of the penalised logits, the op's own temperature-0 rule, without the
         # filters, softmax and noise it computes for the whole [S, V] otherwise.
         greedy = slots.device.type == "cpu" and bool(self._greedy_cpu[slots.long()].all())
+        host_slots = slots.tolist() if self._bias else None
         slots = slots.to(dev, torch.int64, non_blocking=True)
         offsets = step_index.to(dev, torch.int64, non_blocking=True)
 
-        x = self.apply_penalties(logits, slots)
+        x = self.apply_penalties(self.apply_logit_bias(logits, host_slots), slots)
         if greedy:
             token_ids = x.argmax(dim=-1)
         else:

@@ -111,6 +111,9 @@ def test_abort_frees_kv_and_errors_do_not_stop_the_engine(prog):
     bad_stop = eng.add(AddRequest("y2", (1, 2), SamplingParams(max_tokens=2,
                                                                 stop_token_ids=(256,))))
     assert "stop token id 256 outside the vocabulary [0, 256)" in bad_stop.error
+    bad_bias = eng.add(AddRequest("y3", (1, 2), SamplingParams(max_tokens=2,
+                                                                logit_bias=((300, 1.0),))))
+    assert "logit_bias token id 300 outside the vocabulary" in bad_bias.error
     long = eng.add(AddRequest("z", tuple([1] * 600), greedy(2)))
     assert "does not fit max_model_len 512" in long.error
     assert eng.add(AddRequest("w", (1, 2), greedy(2))) is None
@@ -358,7 +361,7 @@ def test_offline_generation_refuses_what_it_cannot_apply():
     model, _ = load_model("llama", preset="tiny", dummy_weights=True, seed=SEED)
     runner = PagedRunner(model, page_size=4, num_blocks=16)
     for bad in (dict(presence_penalty=0.5), dict(repetition_penalty=1.2),
-                dict(logprobs=True)):
+                dict(logprobs=True), dict(logit_bias=((1, 5.0),))):
         with pytest.raises(ValueError, match=f"does not apply {next(iter(bad))}"):
             generate(runner, [1, 2, 3], SamplingParams(max_tokens=2, **bad))
     seeded = SamplingParams(max_tokens=5, temperature=1.0, seed=7)

@@ -325,3 +325,36 @@ def test_validation_errors():
         BatchSampler(0, V)
     with pytest.raises(ValueError):
         BatchSampler(4, 0)
+
+
+def test_logit_bias_is_added_to_its_rows_only():
+    """+100 forces a token, -100 bans the argmax, a row without a bias is untouched, and the
+    bias leaves with its request; logprobs stay the raw model's."""
+    torch.manual_seed(3)
+    logits = torch.randn(3, V)
+    top = int(logits[1].argmax())
+    s = BatchSampler(4, V)
+    s.admit(0, SamplingParams(temperature=0.0, logit_bias=((7, 100.0),)), [1])
+    s.admit(2, SamplingParams(temperature=0.0, logit_bias=((top, -100.0),), logprobs=True),
+            [1])
+    s.admit(3, SamplingParams(temperature=0.0), [1])
+    got = _step(s, logits, [0, 2, 3], [0, 0, 0])
+    want_row1 = logits[1].clone()
+    want_row1[top] -= 100
+    assert got.token_ids.tolist() == [7, int(want_row1.argmax()), int(logits[2].argmax())]
+    raw = torch.log_softmax(logits[1], -1)
+    assert torch.allclose(got.logprobs[1], raw[got.token_ids[1]])
+    s.release(0)
+    s.admit(0, SamplingParams(temperature=0.0), [1])
+    assert _step(s, logits[:1], [0], [0]).token_ids.tolist() == [int(logits[0].argmax())]
+
+
+def test_logit_bias_is_validated():
+    with pytest.raises(ValueError, match="values must be in \\[-100, 100\\]"):
+        SamplingParams(logit_bias=((1, 101.0),))
+    with pytest.raises(ValueError, match="at most 1024 entries"):
+        SamplingParams(logit_bias=tuple((i, 1.0) for i in range(1025)))
+    with pytest.raises(ValueError, match="token 3 is given twice"):
+        SamplingParams(logit_bias=((3, 1.0), (3, 2.0)))
+    with pytest.raises(ValueError, match="token id 64 outside the vocabulary"):
+        BatchSampler(2, V).admit(0, SamplingParams(logit_bias=((64, 1.0),)), [1])
