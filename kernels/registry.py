@@ -13,8 +13,8 @@ prints, for every candidate, why it was taken or refused. Every selection is rec
 Also here: `kernel_op`, the decorator that defines a public op as a `torch.library` custom
 op and keeps its plain Python body callable (`direct_ops()`): tracing, export and
 `torch.compile` see one opaque op, while the eager runtime calls the body itself, because the
-custom-op wrapper costs about 0.25 ms of host time per call (torch 2.11, measured on an H100
-host: 225 calls made a 0.6B model's eager decode step 55 ms).
+custom-op wrapper's host time per call made up most of a small model's eager decode step
+(benchmarks/results/decode_step/README.md, the Qwen3-0.6B section).
 
 What it is not: the op definitions (the per-family files, e.g. `kernels/norm.py`), nor any
 kernel code.
@@ -97,7 +97,9 @@ class Registry:
     _chosen: dict[tuple[str, str, str], str] = field(default_factory=dict)
     # select() results by (op, query, TSCOMPILE_KERNELS as set): a selection is a pure
     # function of those (requirements read only the query), and the eager runtime asks the
-    # same questions every step (~50 us each uncached on an H100 host). Errors are not kept.
+    # same questions every step (uncached, select() showed in the eager step's profile:
+    # benchmarks/results/decode_step/h100_qwen3-0.6b_customops_profile_b1_eager.txt).
+    # Errors are not kept.
     _cache: dict[tuple[str, Query, str], Impl] = field(default_factory=dict)
     _warned: set[str] = field(default_factory=set)     # ops warned about a reference fallback
 

@@ -8,6 +8,12 @@
 // [blocks, PS, 576] bf16, partials o [B, M, S, 512] fp32 and lse [B, M, S] in log2 units,
 // merged by the Triton reduce kernel.
 //
+// Napkin math (the case it was built for, 128 heads x 32 sequences x 32K, bf16): the cache
+// read is 32 x 32K x 576 x 2 B = 1.21 GB (~400 us at ~3 TB/s), the dots 2 x 32 x 128 x 32K
+// x (576 + 512) = 292 GFLOP (~365 us at ~800 TFLOP/s): ~240 FLOP/byte, just under the H100
+// ridge (~270), so HBM and the tensor cores must both run near their peaks at once.
+// 16 heads x q_len 4 (M = 64 rows): ~120 FLOP/byte, memory bound.
+//
 // One CTA = 64 query rows x one split of one sequence; 384 threads in three warpgroups:
 //   WG0: S = Q K^T over a tile of 64 keys (wgmma m64n64k16, 36 k-steps over 576). Q's first
 //        31 k-chunks (16 columns each) live in WG0's registers as wgmma A fragments (124
@@ -27,9 +33,10 @@
 // for more than that in total never returns; m64n256 needs 160).
 // K tiles: 9 column panels of [64 rows x 128 B], 128B-swizzled, loaded by TMA through a 3D
 // view of the cache ([panel][row][64 columns]). Pages of 64+ rows: 3 boxes of 3 panels x 64
-// rows per tile, one each from threads in 3 warps (a TMA issue holds its thread: ~260
-// cycles for a 24 KB box on the H100, while one whole-tile box held one warp, and the next
-// tile's barriers with it, for ~490-610). Pages of 8-32 rows: a box per (page part, panel).
+// rows per tile, one each from threads in 3 warps (a TMA issue holds its thread, and one
+// whole-tile box held one warp, and the next tile's barriers with it, about twice as long
+// as a 24 KB box: the per-tile traces in benchmarks/results/kernels/h100_mla_cuda_v4_steps.json).
+// Pages of 8-32 rows: a box per (page part, panel).
 // Keys past the split's end are masked in S, and their V rows zeroed by WG0 before P is
 // published (P is 0 there; 0 * garbage could be NaN).
 // Synchronisation: full[s] (TMA bytes landed), empty[s] (the 8 PV warps done with stage s),
@@ -37,14 +44,16 @@
 // sync), QK_ISSUED + s (WG0 has issued QK of the tile in stage s), FINAL (final l), TAIL
 // (WG0's zeroing), Q_READ (WG0 has read Q's register chunks out of the last stage, where
 // they were staged; then that stage takes its first tile).
-// Measured on the H100 (benchmarks/results/kernels/README.md has the times and the
-// per-tile traces): from the two-stage version (536 us at 128 heads x 32 x 32K), three
-// stages with one TMA per panel were slower (550: the producer thread's TMA issues held
-// PV), whole-tile boxes 528, PV after QK 510, block-table reads away from barriers 495,
-// skipped rescales 482, boxes split over 3 warps 465. Dropped: two warpgroups with PV split
-// between them; Q wholly in shared memory; 2-CTA clusters sharing tiles by TMA multicast (a
-// stage waits for both CTAs); 32-key tiles with 4-5 stages; double-buffered P with two
-// stages; L2 prefetch of later tiles; a third of the exponentials on the FMA pipe.
+// How it got here, each step timed beside the previous one on an H100 (the times and the
+// per-tile traces: benchmarks/results/kernels/README.md and h100_mla_cuda_v4_steps.json):
+// from the two-stage version, three stages with one TMA per panel were slower (the producer
+// thread's TMA issues held PV); whole-tile boxes, PV after QK, block-table reads away from
+// barriers, skipped rescales and boxes split over 3 warps each made it faster. Dropped as
+// slower (h100_mla_cuda_variants.json, h100_mla_cuda_v4_steps.json): two warpgroups with PV
+// split between them; Q wholly in shared memory; 2-CTA clusters sharing tiles by TMA
+// multicast (a stage waits for both CTAs); 32-key tiles with 4-5 stages; double-buffered P
+// with two stages; a third of the exponentials on the FMA pipe; L2 prefetch of later tiles
+// (no result file holds that one: benchmarks/results/kernels/NOTES_from_docstrings.md).
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>

@@ -4,21 +4,22 @@ What it is: the "triton" backend of `silu_and_mul` (`kernels/activation.py`) for
 fp16 rows of any stride (last dim contiguous). It rounds where the reference
 `F.silu(gate) * up` rounds: silu(g) = g / (1 + exp(-g)) in fp32, rounded to x's dtype, then
 times up in fp32 and rounded once more; exp is libdevice's on the GPU (the interpreter uses
-tl.exp) and the division is IEEE (div_rn): on an H100 the bf16 results matched the
-reference bit for bit at every benchmark shape.
+tl.exp) and the division is IEEE (div_rn), so that the bf16 results can match the
+reference bit for bit (seen on an H100: benchmarks/results/kernels/NOTES_from_docstrings.md).
 What it is not: the MoE grouped variant (`kernels/moe.py` applies its own activation) or a
 fusion into the gate/up GEMM epilogue.
 
 Napkin math (T rows, e bytes per element): reads 2 T I e, writes T I e: 3 T I e bytes,
 ~8 FLOPs per output element (exp, add, div, two muls): bandwidth bound. T = 4096,
-I = 14336, bf16: 352 MB -> ~117 us at ~3 TB/s (H100, measured: 129 us, 2.7 TB/s; the torch
-reference 340 us); T = 1: 86 KB, launch bound (~2 us).
+I = 14336, bf16: 352 MB -> ~117 us at ~3 TB/s; T = 1: 86 KB, launch bound (~2 us).
+Measured: the silu_and_mul_* rows of benchmarks/results/kernels/h100_all_ebb1674.json (H100)
+and h200_all_run2.json (H200).
 
 Launch / tiling: grid (rows, cdiv(I, BLOCK)); each program reads BLOCK contiguous gate
 elements and the BLOCK up elements I further on and writes BLOCK outputs, one 16-byte
-vector per thread per tensor (BLOCK = 512 bf16 with 2 warps). On an H100, BLOCK = 2048 ran
-20% slower at I = 4608 (the last block of each row three quarters empty) and 512 beat 1024
-at T = 64 (2.2 vs 2.9 us: more programs in flight); at I = 14336 all were within 3%.
+vector per thread per tensor (BLOCK = 512 bf16 with 2 warps). Larger blocks were slower
+where a row's last block is mostly empty (I = 4608 at BLOCK = 2048: three quarters) and at
+small T (fewer programs in flight); the H100 sweep is in NOTES_from_docstrings.md.
 """
 from __future__ import annotations
 

@@ -32,9 +32,9 @@ S is picked on the host from the static shapes (B, Hkv, the block table's capaci
 MB*PS, the SM count): the most splits that keep B*Hkv*S within one wave of resident programs
 (4 per SM), so the GPU fills at B=1 and 128K context (S = 64, 2K tokens per program) and
 S -> 1 once B*Hkv reaches 4*SMs.
-Measured (H100 SXM, bf16, Llama-8B heads, PS 16, scattered pages, CUDA graph): 32x8K,
-8x32K, 64x4K: 368-369 us = 2.91 TB/s (87% of the 3.35 TB/s HBM3 peak); 1x128K: 194 us
-(2.77 TB/s); head dim 64, 32x8K: 197 us.
+Measured (bf16, Llama-8B heads, PS 16, scattered pages, CUDA graph): the gqa_decode_* rows
+of benchmarks/results/kernels/h100_all_ebb1674.json (H100) and h200_all_run2.json (H200);
+the figures first written here (H100) are in NOTES_from_docstrings.md.
 
 Prefill (flash-attention forward over pages): grid (T // BLOCK_M + B, Hq). Query tiles are
 laid out per sequence (sequence b's tiles start at query_start_loc[b] // BLOCK_M + b, the
@@ -45,10 +45,10 @@ only the tiles that cross the diagonal (`[prefix + m0, prefix + m0 + BLOCK_M)`) 
     FLOPs  = 4 * Hq * D * sum_i (prefix + i + 1) over the chunk's queries (causal)
     bytes  = q + out + K/V of the context, re-read from L2 by each query tile and head.
     Compute bound (4K chunk over 16K prefix: ~1.3 TFLOP for Llama-8B vs ~0.1 GB).
-Measured (H100, as above): 4K over 16K prefix 3.06 ms = 404 TFLOP/s (51% of the 796 TFLOP/s
-bf16 mm roof; head dim 64: 1.71 ms, 362 TFLOP/s); 4K over no prefix 435 us, 316 TFLOP/s.
-The K/V tiles are gathered token by token (cp.async, 16-byte rows), not by TMA, and there is
-no warp specialisation: the gap to FA3-class kernels (~70%) is there.
+Measured: the gqa_prefill_* rows of the same files (about half the bf16 mm roof; the
+figures first written here are in NOTES_from_docstrings.md). The K/V tiles are gathered
+token by token (cp.async, 16-byte rows), not by TMA, and there is no warp specialisation:
+the gap to FA3-class kernels (~70% of the mm roof) is there.
 Tile sizes are fixed per head dim (no autotuning: first calls may be inside graph capture).
 """
 from __future__ import annotations
@@ -202,8 +202,9 @@ def num_splits(batch: int, kv_heads: int, max_context: int, device: torch.device
     """Splits of each sequence's context: the most that keep batch * kv_heads * S within one
     wave of resident programs (`programs_per_sm` per SM: the split kernel's occupancy at
     4 warps), with at least `min_chunk` tokens of the longest possible context per split.
-    Rounding down matters: on H100, 8 x 32K at S=9 (576 programs, a 48-program second wave)
-    ran 444 us; S=5 or S=8 ran 367 us."""
+    Rounding down matters: 8 x 32K at S=9 on an H100 is 576 programs for 528 slots, and its
+    48-program second wave, run on a mostly idle GPU, made it slower than S=8 (the times:
+    benchmarks/results/kernels/NOTES_from_docstrings.md)."""
     fit = programs_per_sm * _sm_count(device) // max(1, batch * kv_heads)
     return max(1, min(fit, max_splits, math.ceil(max_context / min_chunk)))
 
@@ -361,9 +362,9 @@ def _prefill_config(d: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim, tuned on H100."""
     if INTERPRET:
         return 16, 16, 4, 1
-    # H100, 4K chunk over 16K prefix (Llama-8B heads): d 64: 1.67-1.76 ms here vs 1.91 at
-    # (128, 64, 4, 3) and 2.1 at BLOCK_N 128; d 128: 3.06 ms here vs 3.16 at (128, 64, 4, 3),
-    # 3.50 at (128, 64, 8, 4), 3.25 at (64, 64, 4, 3).
+    # Picked by a sweep on an H100, 4K chunk over 16K prefix (Llama-8B heads): every other
+    # configuration tried was slower; the times are in
+    # benchmarks/results/kernels/NOTES_from_docstrings.md.
     if d <= 64:
         return 128, 64, 8, 4
     return 128, 128, 8, 3

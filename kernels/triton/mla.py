@@ -34,29 +34,30 @@ q_len 4 step reads the cache once, like q_len 1, and only the last Q - 1 keys ar
     bound, the cache read sets the time. e.g. 16 heads, 32 x 32K: 1.21 GB -> ~400 us at 3 TB/s.
 S is picked on the host from static facts only (B, G, the block table's capacity MB*PS, the
 SM count), so the launch is CUDA-graph safe: B*G*S fills one wave of resident programs
-(rounded down: a few programs spilling into a second wave cost up to 1.4x), >= 256 tokens
+(rounded down: a few programs spilling into a second wave leave it mostly idle), >= 256 tokens
 per split of the longest possible context, at most 64 splits. When the page size is a
 multiple of BLOCK_N a tile lies in one page: one block-table load per tile, not per row
 (this also took the M = 16 kernel from 255 registers with spills to 135), issued one tile
 ahead and carried into the next iteration, so no tile address waits on a load of its own
 iteration (Triton's pipeliner treats such an indirect load as a stage of its own).
-Measured on H100 (2026-11-27, bf16, page 64; `benchmarks/kernels/mla.py`):
-  M = 16 (one token, 16 heads; mma.sync, 2 programs per SM): 32x32K, 64x16K, 8x128K all
-  ~420-430 us for 1.21 GB = 2.8-2.9 TB/s, ~96% of a Triton copy's 2.97 TB/s: memory bound.
+Measured (bf16, page 64; `benchmarks/kernels/mla.py`): the mla_decode rows of
+benchmarks/results/kernels/h100_all_ebb1674.json (H100) and h200_all_run2.json (H200); the
+q_len 4 launch sweep and the carried page id: h100_mla_q4_1e9f2e0.json.
+  M = 16 (one token, 16 heads; mma.sync, 2 programs per SM) reads the cache near the copy
+  roof: memory bound, as above.
   M = 64 (q_len 4 x 16 heads; wgmma, [64, 512] fp32 acc over 2 warpgroups, 1 program per
-  SM): 214 / 401 / 770 us at batch 4 / 8 / 16 x 80K, 214-237 TFLOP/s, 1.39-1.46x the time of
-  q_len 1 (not 1x). Bound by the dots and the softmax between them, not by the cache
-  stream: the QK dot's result feeds the PV dot, so Triton lays it out [8, 1] over the warps
-  (its chained-dot rule), which for 64 rows means both warpgroups compute the same [64, BN]
-  scores (tensor work 2 * 576 + 512 per key and row instead of 1088), and nothing overlaps
-  the softmax with tensor work (one program per SM, no ping-pong). Deeper pipelining does
-  not help: with the block-table load carried (above) BLOCK_N 32 x 4 stages keeps 3 tiles in
-  flight, and it measured 6-10% slower than 64 x 2 (its QK wgmma is N = 32). Carrying the
-  page id took 64 x 2 from 222 / 419 / 801 us to 214 / 401 / 770. 128 heads (2 groups of
-  64): 1.19 ms at 32x32K, 245 TFLOP/s (the memory floor is ~0.41 ms). On Hopper these row
-  counts (>= 32) go to the warp-specialised CUDA kernel (kernels/cuda/mla.py: QK on one
-  warpgroup, PV split by columns over two more, TMA + mbarriers): q_len 4 at ~1.0x the
-  q_len 1 time, 128 heads 536 us.
+  SM) takes ~1.4x the time of q_len 1 for the same bytes (not 1x). Bound by the dots and
+  the softmax between them, not by the cache stream: the QK dot's result feeds the PV dot,
+  so Triton lays it out [8, 1] over the warps (its chained-dot rule), which for 64 rows
+  means both warpgroups compute the same [64, BN] scores (tensor work 2 * 576 + 512 per key
+  and row instead of 1088), and nothing overlaps the softmax with tensor work (one program
+  per SM, no ping-pong). Deeper pipelining does not help: with the block-table load carried
+  (above) BLOCK_N 32 x 4 stages keeps 3 tiles in flight, and it was slower than 64 x 2 (its
+  QK wgmma is N = 32). Carrying the page id made 64 x 2 a few % faster. 128 heads (2 groups
+  of 64) at 32x32K are far from their memory floor of ~0.41 ms, for the same reasons. On
+  Hopper these row counts (>= 32) go to the warp-specialised CUDA kernel
+  (kernels/cuda/mla.py: QK on one warpgroup, PV split by columns over two more, TMA +
+  mbarriers); its figures: benchmarks/results/kernels/README.md.
 
 Prefill, expanded (DeepSeek-V2's "naive" form): two kernels.
  1. `_expand_kernel`: gather the chunk's whole context (cached prefix + chunk) from the pages
@@ -70,8 +71,9 @@ Prefill, expanded (DeepSeek-V2's "naive" form): two kernels.
     FLOPs = 2 * H * (dn + dr + dv) * sum_i (prefix + i + 1) over the chunk's queries.
     e.g. Kimi TP4 (H 16), 4K chunk over a 64K prefix: 0.29 TFLOP of expansion + 2.83 TFLOP of
     attention, compute bound (~4 ms at 800 TFLOP/s) against ~0.1 GB of minimum traffic.
-    Measured on H100: 7.3 ms = 427 TFLOP/s (54% of a bf16 mm's 785); k_pe read through the
-    slot table inside the attention loop (a dependent gather) had cost 2x.
+    Measured: the mla_prefill row of the same result files (about half the bf16 mm roof).
+    k_pe read through the slot table inside the attention loop (a dependent gather) was
+    slower than gathering it once (benchmarks/results/kernels/NOTES_from_docstrings.md).
 The expanded K/V ([Lsum, H, dn + dv], 0.56 GB at that size) is a temporary, and its size
 needs the total context on the host: prefill syncs once (seq_lens.sum() and the longest
 chunk) unless the caller passes `sizes`, unlike decode.
@@ -247,8 +249,9 @@ def num_splits(batch: int, groups: int, max_context: int, device: torch.device, 
                programs_per_sm: int = 2, min_chunk: int = 256, max_splits: int = 64) -> int:
     """Splits of each context so that batch * groups * S fills one wave of resident programs
     (programs_per_sm * SMs) without spilling into a second, mostly idle one (rounding down:
-    9 splits of 32 sequences at 2 x 132 slots ran 1.4x slower than 8 on H100), keeping at
-    least `min_chunk` tokens of the longest possible context per split."""
+    9 splits of 32 sequences put 288 programs on 2 x 132 slots, slower than 8 on an H100;
+    benchmarks/results/kernels/NOTES_from_docstrings.md), keeping at least `min_chunk`
+    tokens of the longest possible context per split."""
     want = programs_per_sm * _sm_count(device) // max(1, batch * groups)
     return max(1, min(want, max_splits, math.ceil(max_context / min_chunk)))
 
@@ -263,9 +266,9 @@ def decode_config(rows: int, dtype: torch.dtype) -> tuple[int, int, int, int, in
     if rows <= 32:
         return 32, 64, 8, 2, 1
     # wgmma; [64, 512] fp32 acc over 2 warpgroups (255 regs); q 72 KB + 2 x 72 KB tiles
-    # (216 KB smem). Deeper pipelines of smaller tiles measured slower on H100 (q_len 4 x 16
-    # heads, batch 4-16 x 80K: BLOCK_N 32 x 4 stages +6-10%, 32 x 3 +10-11%, 16 x 6 +69-80%):
-    # the loop is bound by its dots and softmax, not by load latency.
+    # (216 KB smem). Deeper pipelines of smaller tiles (BLOCK_N 32 x 3-4 stages, 16 x 6) were
+    # slower on an H100 (benchmarks/results/kernels/h100_mla_q4_1e9f2e0.json): the loop is
+    # bound by its dots and softmax, not by load latency.
     return 64, 64, 8, 2, 1
 
 

@@ -53,19 +53,18 @@ Napkin math (bf16, H100: ~3.0 TB/s copy bandwidth, ~790 TFLOP/s bf16 dense, meas
 Tiling (aligned_config / decode_config; H100 sweeps in benchmarks/kernels/moe.py
 --sweep / --sweep-decode / --profile): at BM <= 32 what matters is the weight bytes in
 flight per SM, not the program count: w13 tiles of BN=32 x BK=256 (gate + up, 32 KB a
-stage, 4 stages) beat BN=16 (twice the programs) by 1.2-1.9x at T=1; the aligned w2 GEMM
-uses BN=64 x BK=128 x 5 stages; the decode w2-and-sum loop 16 x 512 x 5 stages, 8 warps
-(a tensor-core version with one real row in an M=16 tile ran at 1.4 TB/s, latency-bound
-on its mma chain). Measured on one H100 (kernel time by CUPTI; harness time in a CUDA
-graph over rotating input sets; benchmarks/results/kernels/h100_moe_bc3e7fb.*):
-  Moonlight T=1 decode 47.2 us, 73.7% of the copy roof (w13 27.0, w2+sum 14.4 us); the
-  aligned path on the same token 50.3 us, 69.2% (align 1.9, w13 26.8, w2 15.6, sum 3.0).
-  T=4 87%, T=16..64 94-95%, T=256 84%. Kimi EP8 T=1: 1 held expert 47.0 us (aligned 49.7);
-  the worst rank (8 of 8 held) 286 us, 82.5%, slower than the aligned path there (251 us,
-  94%): its w13 launch took 184 vs 156 us with the same tiles (not yet explained) and the
-  w2-and-sum loop 95 vs 86 us (w2 + sum). Kimi T=64 995 us, ~3.0 TB/s.
+stage, 4 stages) beat BN=16 (twice the programs) at T=1; the aligned w2 GEMM uses
+BN=64 x BK=128 x 5 stages; the decode w2-and-sum loop 16 x 512 x 5 stages, 8 warps (a
+tensor-core version with one real row in an M=16 tile was latency-bound on its mma chain).
+Measured on one H100 (kernel time by CUPTI; harness time in a CUDA graph over rotating
+input sets): benchmarks/results/kernels/h100_moe_bc3e7fb.json and .log (per-launch times,
+the decode tile sweep, the tensor-core try) and the moe rows of h100_all_ebb1674.json; the
+w13 BN sweep is in NOTES_from_docstrings.md. Open: on the worst EP rank (Kimi EP8 T=1,
+all 8 of the token's experts held there) the decode path's w13 launch was slower than the
+aligned path's with the same tiles (not yet explained), and h100_moe_bc3e7fb and
+h100_all_ebb1674 disagree on which path wins there.
 The T=1 gap left to the roof is mostly the ramp of two short weight-streaming launches;
-the routing kernel is ~3-4 us per call (launch-bound).
+the routing kernel is launch-bound (the route_* rows).
 """
 from __future__ import annotations
 
@@ -247,9 +246,9 @@ def aligned_config(num_pairs: int, num_experts: int, hidden: int, width: int) ->
     expert's weights are streamed by one row block (two where the spread overflows it).
     Weight-bound rows (block_m <= 32): long K tiles and deep pipelines keep ~100-200 KB of
     weight loads in flight per SM, which is what the few programs of a decode step need
-    (H100, benchmarks/kernels/moe.py --sweep/--profile: other BN/BK/stages moved the
-    Moonlight cases by <= 5%; halving the w13 BN to 16 made Kimi T=1's w13 GEMM 1.9x
-    slower despite twice the programs). Larger block_m: tensor-core tiles."""
+    (H100, benchmarks/kernels/moe.py --sweep/--profile: halving the w13 BN to 16 was slower
+    despite twice the programs; the figures are in
+    benchmarks/results/kernels/NOTES_from_docstrings.md). Larger block_m: tensor-core tiles."""
     per_expert = -(-num_pairs // max(num_experts, 1))
     block_m = min(128, max(16, triton.next_power_of_2(per_expert)))
     if INTERPRET:     # tiny shapes on the CPU: still exercise several N tiles and K steps
@@ -424,10 +423,11 @@ def _w2_sum_decode_kernel(act_ptr, w2_ptr, out_ptr, topk_w_ptr, ids_ptr, hidden,
     """One token: out[0, n tile] = sum over the held slots j of weight[j] * W2[e_j] act[j]
     on the n tile, a matrix-vector product on the CUDA cores: acc[BN, BK] += W * (wt * a),
     summed over K once at the end, fp32 throughout (no M=16 tensor-core tile of which one
-    row is real: its ldmatrix/mma chain per K step made this launch latency-bound, 1.4 TB/s
-    on an H100). One flat loop over (held slot, K step), software-pipelined with
-    tl.range(num_stages) (a loop with no dot is pipelined only when asked), so the weight
-    stream never drains between slots; step `it` takes the held slot of rank it // k_steps."""
+    row is real: its ldmatrix/mma chain per K step made this launch latency-bound on an
+    H100, benchmarks/results/kernels/h100_moe_bc3e7fb.log). One flat loop over (held slot,
+    K step), software-pipelined with tl.range(num_stages) (a loop with no dot is pipelined
+    only when asked), so the weight stream never drains between slots; step `it` takes the
+    held slot of rank it // k_steps."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < hidden
     slots = tl.arange(0, K_PAD)

@@ -16,11 +16,12 @@ backward.
 Napkin math (H = hidden, T rows, e bytes per element): rms_norm reads x and writes y:
 2 T H e bytes (+ H e_w for the weight, read once per program but from L2 after the first);
 fused_add reads x and residual, writes y and s: 4 T H e. ~4 FLOPs per element, so under
-0.5 FLOP/byte: purely bandwidth bound (H100: 3.35 TB/s datasheet; the harness's `copy_`
-roof read 2.43 TB/s, these kernels reach 2.6-2.8 TB/s at T = 4096). T = 4096,
-H = 7168, bf16: 117 MB -> ~39 us floor for rms_norm, ~78 us for fused_add (H100, measured:
-44 and 86 us, 2.6-2.7 TB/s; the torch reference 460 and 525 us). At T <= 64 the data is
-< 2 MB and launch latency is the floor (measured 2.1-2.9 us in a CUDA graph).
+0.5 FLOP/byte: purely bandwidth bound (H100: 3.35 TB/s datasheet, ~3 TB/s reachable by a
+copy). T = 4096, H = 7168, bf16: 117 MB -> ~39 us floor for rms_norm, ~78 us for fused_add.
+At T <= 64 the data is < 2 MB and launch latency is the floor (a few us in a CUDA graph).
+Measured: the rms_norm_* / fused_add_rms_norm_* rows (with the run's copy roof) of
+benchmarks/results/kernels/h100_all_ebb1674.json (H100) and h200_all_run2.json (H200);
+the torch reference's times are in NOTES_from_docstrings.md.
 
 Launch / tiling: a program owns BLOCK_R whole rows as one [BLOCK_R, BLOCK_C] register tile
 (BLOCK_C = next power of two >= H), so each element is loaded once, the row reduction stays
@@ -28,7 +29,8 @@ in registers, and the loads are 16-byte vectors along the contiguous dim. Short 
 (QK-norm over head_dim 128, MLA latents of 512) pack several rows per program so a program
 moves >= ~4K elements. Rows longer than MAX_TILE elements take a two-pass loop over
 BLOCK_C chunks (the second pass re-reads the row, mostly from L2). num_warps scales with the
-tile: about two 16-byte vectors per thread (1, 2 or 4 were within 3% on an H100).
+tile: about two 16-byte vectors per thread (1 or 4 were no faster on an H100:
+benchmarks/results/kernels/NOTES_from_docstrings.md).
 """
 from __future__ import annotations
 

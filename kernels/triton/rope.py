@@ -7,8 +7,9 @@ rotary), in both pairings:
     interleaved=True   GPT-J / DeepSeek / Kimi:        pairs (2i, 2i + 1)
 The table row is [cos | sin] (r/2 each, any float dtype; read as fp32). The math is the
 reference's, in fp32 with no fused multiply-add (x1 cos - x2 sin rounds each product, like
-the reference's separate torch ops), then one rounding to x's dtype: on an H100 the bf16
-and fp32 results matched the reference bit for bit at every benchmark shape.
+the reference's separate torch ops), then one rounding to x's dtype, so that the bf16 and
+fp32 results can match the reference bit for bit (seen on an H100:
+benchmarks/results/kernels/NOTES_from_docstrings.md).
 x may be a strided view (MLA's q_pe is [T, Nh, dn + dr][..., dn:]): only the last dim must
 be contiguous. The output is a new contiguous [T, H, D] tensor (the op is not in place).
 What it is not: the table builder (`rope_cos_sin_cache`, in the op file), or a fused
@@ -16,9 +17,10 @@ q/k + KV-cache write.
 
 Napkin math (e bytes per element): reads x and writes the output, 2 T H D e bytes, plus one
 table row per token (T r 4 bytes) and the positions; 3 FLOPs per rotated element. Bandwidth
-bound. MLA prefill T = 4096, 128 heads x 64, bf16: 134 MB -> ~45 us at ~3 TB/s (H100,
-measured: 53 us, 2.6 TB/s; the torch reference 1040 us); decode (T <= 64) is launch bound
-(measured 1.7-2.1 us in a CUDA graph).
+bound. MLA prefill T = 4096, 128 heads x 64, bf16: 134 MB -> ~45 us at ~3 TB/s; decode
+(T <= 64) is launch bound (a few us in a CUDA graph). Measured: the rope_* rows of
+benchmarks/results/kernels/h100_all_ebb1674.json (H100) and h200_all_run2.json (H200);
+the torch reference's time is in NOTES_from_docstrings.md.
 
 Launch / tiling: grid (T, cdiv(H, BLOCK_H)); a program loads its token's position and
 cos/sin once and rotates a [BLOCK_H, r] tile of heads (~1K elements). NeoX loads the two
@@ -37,7 +39,9 @@ from tscompile.kernels.triton import INTERPRET, requirements
 
 PRIO = 10 if not INTERPRET else -10
 DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
-TILE_ELEMS = 1024  # elements of x a program rotates (1024-8192 within 3% at T = 4096)
+# Elements of x a program rotates (larger tiles, up to 8192, were no faster on an H100:
+# benchmarks/results/kernels/NOTES_from_docstrings.md).
+TILE_ELEMS = 1024
 NUM_WARPS = 4
 
 
