@@ -246,16 +246,6 @@ def test_direct_ops_and_custom_ops_give_the_same_program_results(prog):
     (a1, a2, ca), (b1, b2, cb) = runs
     assert torch.equal(a1, b1) and torch.equal(a2, b2)
     assert all(torch.equal(x, y) for x, y in zip(ca, cb))
-    # A program generated before `ops` existed (its constructor takes none) still binds.
-    p = RankProgram(prog, 0, dummy_seed=SEED)
-    new_cls = p._program_cls
-
-    class Old(new_cls):
-        def __init__(self, rank, tensors):
-            super().__init__(rank, tensors)
-    p._program_cls = Old
-    p.bind_kv_caches(16, 4, dtype=torch.float32, device="cpu")
-    assert p._program.ops is torch.ops.tscompile
 
 
 @pytest.mark.parametrize("argv,match", [

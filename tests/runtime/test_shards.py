@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from tscompile.models.checkpoint import loadable_tensors, plan_pieces, resolve
 from tscompile.plan import CheckpointPiece, ParamPlan
-from tscompile.runtime import load_model, shards
+from tscompile.runtime import dummy_weights, load_model, shards
 from tscompile.runtime.weights import Checkpoint
 
 MODELS = {"llama": "tiny", "qwen3": "tiny-moe"}  # dense + fused gate_up; stacked experts
@@ -190,8 +190,8 @@ def test_dummy_ranks_equal_slices_of_init_dummy_weights(setups, monkeypatch, fam
     full = {k: v.detach() for k, v in loadable_tensors(model).items()}
     plans = make_plans(full, setups[family][1], layout)
     drawn: list = []
-    real_slab = shards._slab
-    monkeypatch.setattr(shards, "_slab", lambda n, s, seed, i: drawn.append((n, i))
+    real_slab = dummy_weights._slab
+    monkeypatch.setattr(dummy_weights, "_slab", lambda n, s, seed, i: drawn.append((n, i))
                         or real_slab(n, s, seed, i))
     for world in (1, 2, 4):
         for rank in range(world):
