@@ -58,6 +58,9 @@ def parse(argv: list[str] | None = None) -> ServeConfig:
                    help="largest decode batch captured in a CUDA graph (default: "
                         "--max-num-seqs); larger decode batches run eagerly")
     p.add_argument("--threads-per-rank", type=int, help="CPU threads per rank process")
+    p.add_argument("--shutdown-grace", type=float, default=_S.shutdown_grace_s,
+                   help="seconds in-flight requests get to finish after SIGTERM (a second "
+                        "SIGTERM ends them at once, each with an error)")
     a = p.parse_args(argv)
     engine = EngineConfig(
         max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
@@ -71,7 +74,8 @@ def parse(argv: list[str] | None = None) -> ServeConfig:
                        seed=a.seed, tokenizer=a.tokenizer, device=a.device, dtype=a.dtype,
                        host=a.host, port=a.port, api_key=a.api_key,
                        served_model_name=a.served_model_name,
-                       threads_per_rank=a.threads_per_rank, engine=engine)
+                       threads_per_rank=a.threads_per_rank,
+                       shutdown_grace_s=a.shutdown_grace, engine=engine)
 
 
 def main(argv: list[str] | None = None) -> int:

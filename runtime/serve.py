@@ -56,6 +56,7 @@ class ServeConfig:
     api_key: str | None = None
     served_model_name: str | None = None
     threads_per_rank: int | None = None
+    shutdown_grace_s: float = 10.0       # SIGTERM: in-flight requests' time to finish
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
@@ -69,6 +70,8 @@ class ServeConfig:
             raise ValueError("--device cuda but no CUDA device is visible")
         if not 0 < self.port < 65536:
             raise ValueError(f"--port must be in 1..65535, got {self.port}")
+        if not self.shutdown_grace_s >= 0:
+            raise ValueError(f"--shutdown-grace must be >= 0, got {self.shutdown_grace_s}")
 
     @property
     def model_name(self) -> str:
@@ -190,6 +193,7 @@ def serve(cfg: ServeConfig) -> int:
     from tscompile.runtime.program import model_config
     from tscompile.runtime.server.engine_client import EngineClient
     from tscompile.runtime.server.openai_api import create_app
+    from tscompile.runtime.server.shutdown import DrainingServer
     from tscompile.tokenizer import Tokenizer
 
     prog = read_tsprog(cfg.program)
@@ -209,18 +213,24 @@ def serve(cfg: ServeConfig) -> int:
     for p in procs:
         p.start()
     client = EngineClient(requests, outputs, engine=procs[0])
+    # SIGTERM means what Ctrl-C means (a clean shutdown through `finally` below, exit 0),
+    # also while the engine loads and after the server has drained.
+    previous_sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         ready = client.wait_ready(timeout=600)
         log.info("engine ready: %s, max_model_len %d, %d rank(s)", ready.model,
                  ready.max_model_len, world)
         app = create_app(client, tokenizer, model_name=ready.model,
                          max_model_len=ready.max_model_len, api_key=cfg.api_key)
-        # uvicorn installs SIGINT/SIGTERM handlers and returns after a graceful shutdown.
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+        # The server's SIGINT/SIGTERM handlers drain it (shutdown.py) and it returns; it
+        # then re-raises the signal, which KeyboardInterrupt carries through `finally`.
+        DrainingServer(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning"),
+                       app.state.server, grace_s=cfg.shutdown_grace_s).run()
     finally:
         client.shutdown()
         for p in procs:
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
+        signal.signal(signal.SIGTERM, previous_sigterm)
     return 0

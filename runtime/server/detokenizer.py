@@ -12,7 +12,9 @@ O(T^2) per request; decoding ids[prefix_offset:] keeps each step O(window) (~2-6
 Why a prefix at all: byte-level BPE splits one character over several tokens (a CJK
 character is 3 bytes, an emoji 4), and SentencePiece drops the leading space of the first
 token it decodes, so the window starts a few tokens *before* the new ones and we emit only
-the text past what the prefix decodes to.
+the text past what the prefix decodes to. The window is bounded (MAX_HELD_TOKENS): tokens that
+add no text (special tokens skipped) or never complete a character (stray UTF-8 continuation
+bytes from a confused model) are let go rather than re-decoded forever.
 """
 from __future__ import annotations
 
@@ -25,6 +27,9 @@ from typing import Any
 # character split over up to 4 byte tokens.
 INITIAL_PREFIX_TOKENS = 5
 REPLACEMENT = "\ufffd"      # what decode() yields for an incomplete UTF-8 sequence
+# A UTF-8 character is at most 4 bytes, so at most 4 byte tokens; past this many tokens
+# without new text, what the window decodes to is final.
+MAX_HELD_TOKENS = 8
 
 
 class IncrementalDetokenizer:
@@ -45,7 +50,8 @@ class IncrementalDetokenizer:
         self.ids.append(token_id)
         prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
         full = self._decode(self.ids[self.prefix_offset:])
-        if len(full) > len(prefix) and not full.endswith(REPLACEMENT):
+        complete = len(full) > len(prefix) and not full.endswith(REPLACEMENT)
+        if complete or len(self.ids) - self.read_offset >= MAX_HELD_TOKENS:
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             return full[len(prefix):]
         return ""
@@ -62,9 +68,14 @@ class IncrementalDetokenizer:
 
 
 class StopMatcher:
-    """Accumulates a choice's text and finds the first stop string in it.
+    """Finds the first stop string in a choice's text as it streams, in amortized O(1) per
+    character and stop string (one Knuth-Morris-Pratt automaton per stop string), keeping
+    only the text not sent yet: a long output or a long stop string never costs more than
+    the characters it brings.
 
-    `feed(delta)` -> True once a stop string matched (the text is then cut before it).
+    `feed(delta)` -> True once a stop string matched: the text ends before it, and the
+    stop string that completes first wins (the longest, if several complete at the same
+    character), however the text was cut into deltas.
     `take(final)` -> the text that is safe to send now: all of it when final, otherwise
     everything except the longest tail that is a proper prefix of some stop string (it
     might grow into a match with the next token).
@@ -74,48 +85,62 @@ class StopMatcher:
         if any(not s for s in stops):
             raise ValueError("stop: stop strings must be non-empty")
         self.stops = tuple(dict.fromkeys(stops))
-        self._max_len = max((len(s) for s in self.stops), default=0)
-        self.text = ""
-        self.sent = 0                        # chars of `text` already handed out
+        self._fail = [_failure(s) for s in self.stops]
+        self._state = [0] * len(self.stops)   # per stop: chars of it the text ends with
+        self.length = 0                        # chars of text so far (cut at a match)
+        self.sent = 0                          # of which handed out by take()
+        self._unsent = ""
         self.matched: str | None = None
 
     def feed(self, delta: str) -> bool:
         if self.matched is not None:
             return True
-        if not delta:
-            return False
-        # A new match must end inside `delta`, so it starts at most max_len-1 chars before.
-        start = max(0, len(self.text) - self._max_len + 1)
-        self.text += delta
         if not self.stops:
+            self._unsent += delta
+            self.length += len(delta)
             return False
-        best = -1
-        for s in self.stops:
-            i = self.text.find(s, start)
-            if i >= 0 and (best < 0 or i < best):
-                best, self.matched = i, s
-        if best < 0:
-            return False
-        # Held-back text guarantees the cut never falls inside text already sent.
-        assert best >= self.sent, (best, self.sent)
-        self.text = self.text[:best]
-        return True
-
-    def _held(self) -> int:
-        """Length of the longest tail of the unsent text that is a proper prefix of a stop
-        string. O(sum of len(stop)^2) per call; stop strings are short."""
-        room = len(self.text) - self.sent
-        for k in range(min(self._max_len - 1, room), 0, -1):
-            tail = self.text[-k:]
-            if any(s.startswith(tail) for s in self.stops if len(s) > k):
-                return k
-        return 0
+        for i, c in enumerate(delta):
+            done = None
+            for j, s in enumerate(self.stops):
+                k, fail = self._state[j], self._fail[j]
+                while k and s[k] != c:
+                    k = fail[k - 1]
+                k += s[k] == c
+                if k == len(s) and (done is None or len(s) > len(done)):
+                    done = s
+                self._state[j] = k
+            if done is not None:
+                self.matched = done
+                end = self.length + i + 1 - len(done)     # where the stop string starts
+                # Held-back text guarantees the cut never falls inside text already sent.
+                assert end >= self.sent, (end, self.sent)
+                self._unsent = (self._unsent + delta[:i + 1])[:end - self.sent]
+                self.length = end
+                return True
+        self._unsent += delta
+        self.length += len(delta)
+        return False
 
     def take(self, final: bool = False) -> str:
-        end = len(self.text) if final or self.matched else len(self.text) - self._held()
-        out = self.text[self.sent:end]
-        self.sent = max(self.sent, end)
+        held = 0 if final or self.matched else min(max(self._state, default=0),
+                                                      len(self._unsent))
+        out = self._unsent[:len(self._unsent) - held]
+        self._unsent = self._unsent[len(out):]
+        self.sent += len(out)
         return out
+
+
+def _failure(s: str) -> list[int]:
+    """KMP's table: fail[i] = length of the longest proper prefix of s[:i+1] that is also
+    its suffix."""
+    fail = [0] * len(s)
+    k = 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = fail[k - 1]
+        k += s[i] == s[k]
+        fail[i] = k
+    return fail
 
 
 # ---------------------------------------------------------------- token text for logprobs

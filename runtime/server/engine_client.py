@@ -134,6 +134,14 @@ class EngineClient:
             if self._streams.pop(rid, None) is not None:
                 self._send(Abort(rid, reason="abort"))
 
+    def fail_pending(self, reason: str) -> None:
+        """End every pending request, and refuse later ones, with an `"error"` output
+        saying `reason` (the server is shutting down); `healthy` turns False. The engine is
+        told to drop them and keeps running until `shutdown()`."""
+        for rid in list(self._streams):
+            self._send(Abort(rid, reason="abort"))
+        self._on_dead(reason)
+
     def abort(self, rid: str, reason: str = "abort") -> None:
         """Tell the engine to drop `rid` ("stop": a stop string matched; "abort": client
         gone). Its generate() then ends with an output whose finish_reason is `reason`;
@@ -210,8 +218,8 @@ class EngineClient:
 
     def _fail_all(self) -> None:
         reason = self.dead_reason or "engine is gone"
-        log.error("engine is gone (%s); failing %d pending request(s)", reason,
-                  len(self._streams))
+        if self._streams:
+            log.error("failing %d pending request(s): %s", len(self._streams), reason)
         streams, self._streams = self._streams, {}
         for rid, stream in streams.items():
             stream.put_nowait(RequestOutput(rid, finish_reason="error", error=reason))

@@ -2,9 +2,10 @@
 
 What it is: latency histograms the API process observes itself (it sees each token arrive)
 and a collector that reads the engine's latest `EngineStats` at scrape time: gauges for the
-queue and KV pool, counters from the engine's cumulative totals (exported as-is, so a
-restarted API process never double counts). Names carry the `tsrun_` prefix, e.g.
-`tsrun_time_to_first_token_seconds`, `tsrun_prompt_tokens_total`.
+queue and KV pool (and the API's own count of requests it still streams), counters from the
+engine's cumulative totals (exported as-is, so a restarted API process never double counts).
+Names carry the `tsrun_` prefix, e.g. `tsrun_time_to_first_token_seconds`,
+`tsrun_prompt_tokens_total`.
 What it is not: the engine's own step timings (the engine process owns those).
 """
 from __future__ import annotations
@@ -41,6 +42,9 @@ class _EngineStatsCollector(Collector):
                                 "Requests queued in the engine", value=waiting)
         yield GaugeMetricFamily(PREFIX + "kv_cache_usage_perc",
                                 "Fraction of KV cache blocks in use (1 = full)", value=usage)
+        yield GaugeMetricFamily(PREFIX + "api_requests_pending",
+                                "Engine requests the API process is still streaming",
+                                value=self.client.num_pending)
         for name, doc, attr in (
                 ("prompt_tokens", "Prefill tokens processed", "prompt_tokens"),
                 ("generation_tokens", "Tokens generated", "generation_tokens"),

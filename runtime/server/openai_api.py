@@ -3,11 +3,15 @@
 Routes: POST /v1/chat/completions, POST /v1/completions (streaming SSE or whole), GET
 /v1/models, GET /health (503 while the engine is not ready or dead), GET /metrics.
 
-Per request: validate (400 with OpenAI's error JSON naming the field; 401 bad API key;
-404 unknown model) -> render the chat template / tokenize off the event loop -> fan out n
-samples per prompt as engine requests `{id}-{choice}` (sample i gets seed+i) -> merge the
-choices' deltas (serving.py) into chunks or one body (responses.py). A client that goes
-away mid-request (stream or not) aborts its engine requests.
+Per request: read the body (body_limit.py: 413 over the size limit, 400 not UTF-8) ->
+validate (schemas.py, validation.py: 400 with OpenAI's error JSON naming the field; 401 bad
+API key; 404 unknown model; 503 engine down or server shutting down) -> render the chat
+template / tokenize off the event loop -> fan out n samples per prompt as engine requests
+`{id}-{choice}` (sample i gets seed+i) -> merge the choices' deltas (serving.py) into chunks
+or one body (responses.py). A client that goes away mid-request (stream or not) aborts its
+engine requests. Shutdown (`drain`, called by shutdown.py) refuses new requests, gives those
+in flight a grace period, then ends each with an error: a response is never cut off
+silently.
 
 What it is not: the engine, the CLI that wires the processes together, tool-call or
 reasoning parsing (not yet).
@@ -29,25 +33,31 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
-from tscompile.runtime.protocol import MAX_TOP_LOGPROBS, AddRequest, SamplingParams
+from tscompile.runtime.protocol import AddRequest, SamplingParams
 from tscompile.runtime.server import responses as R
+from tscompile.runtime.server import validation as V
+from tscompile.runtime.server.body_limit import MAX_BODY_BYTES, BodyLimit
 from tscompile.runtime.server.detokenizer import TokenTable
 from tscompile.runtime.server.engine_client import EngineClient
-from tscompile.runtime.server.errors import APIError, from_value_error, install_error_handlers
+from tscompile.runtime.server.errors import (APIError, from_value_error,
+                                             install_error_handlers, short)
 from tscompile.runtime.server.metrics import Metrics
-from tscompile.runtime.server.schemas import (ChatCompletionRequest, CompletionRequest,
+from tscompile.runtime.server.schemas import (MAX_N, ChatCompletionRequest, CompletionRequest,
                                               SamplingFields)
 from tscompile.runtime.server.serving import ChoiceSpec, Generation
+
+SHUTTING_DOWN = "server is shutting down"
 
 
 def create_app(client: EngineClient, tokenizer: Any, *, model_name: str, max_model_len: int,
                api_key: str | None = None, max_n: int = 8,
-               session_ttl_header: str = "x-session-id") -> FastAPI:
-    """`session_ttl_header`: the request header carrying the session id (it wins over the
+               session_id_header: str = "x-session-id",
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """`session_id_header`: the request header carrying the session id (it wins over the
     body's `user`); the engine keeps a session's prefix cached between turns."""
     server = OpenAIServer(client, tokenizer, model_name=model_name,
                           max_model_len=max_model_len, max_n=max_n,
-                          session_header=session_ttl_header)
+                          session_header=session_id_header)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -59,6 +69,7 @@ def create_app(client: EngineClient, tokenizer: Any, *, model_name: str, max_mod
 
     app = FastAPI(title="tsrun", lifespan=lifespan)
     app.state.server = server
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     install_error_handlers(app)
 
     def check_api_key(request: Request) -> None:
@@ -83,8 +94,8 @@ class OpenAIServer:
                  max_model_len: int, max_n: int, session_header: str):
         if max_model_len < 2:
             raise ValueError(f"max_model_len: must be >= 2, got {max_model_len}")
-        if max_n < 1:
-            raise ValueError(f"max_n: must be >= 1, got {max_n}")
+        if not 1 <= max_n <= MAX_N:
+            raise ValueError(f"max_n: must be in [1, {MAX_N}] (OpenAI's cap), got {max_n}")
         self.client = client
         self.tokenizer = tokenizer
         self.token_table = TokenTable(tokenizer)
@@ -94,10 +105,32 @@ class OpenAIServer:
         self.session_header = session_header
         self.metrics = Metrics(client)
         self.created = int(time.time())
+        self.draining = False
+
+    @property
+    def vocab_size(self) -> int:
+        return self.client.ready.vocab_size if self.client.ready else self.tokenizer.vocab_size
+
+    # ------------------------------------------------------------------ shutdown
+
+    def drain(self, grace_s: float) -> None:
+        """Shutdown began: new requests get 503; those in flight have `grace_s` seconds to
+        finish, then each ends with an error (a stream: an error event, then [DONE])."""
+        if not self.draining:
+            self.draining = True
+            asyncio.get_running_loop().call_later(grace_s, self.end_in_flight)
+
+    def end_in_flight(self) -> None:
+        """End every request in flight now with a 503-style error."""
+        self.draining = True
+        self.client.fail_pending(SHUTTING_DOWN)
 
     # ------------------------------------------------------------------ small routes
 
     async def health(self) -> JSONResponse:
+        if self.draining:
+            return JSONResponse({"status": "unavailable", "reason": SHUTTING_DOWN},
+                                status_code=503)
         if self.client.healthy:
             return JSONResponse({"status": "ok"})
         why = self.client.dead_reason or "engine is not ready yet"
@@ -119,12 +152,9 @@ class OpenAIServer:
         max_field = "max_completion_tokens" if body.max_completion_tokens is not None \
             else "max_tokens"
         max_tokens = getattr(body, max_field)
-        params = self._params(body, max_tokens, max_field, logprobs=body.logprobs,
+        params = self._params(body, max_tokens, logprobs=body.logprobs,
                               top_logprobs=body.top_logprobs or 0)
-        try:
-            messages = [m.for_template(f"messages[{i}]") for i, m in enumerate(body.messages)]
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages") from None
+        messages = V.template_messages(body.messages)
         prompt_ids = await run_in_threadpool(self._render_chat, messages)
         meta = R.ResponseMeta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()),
                               self.model_name, params.top_logprobs)
@@ -140,13 +170,8 @@ class OpenAIServer:
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
         arrival = time.monotonic()
         self._check_common(body)
-        if body.echo:
-            raise APIError(400, "echo: not supported", param="echo")
-        if body.logprobs is not None and not 0 <= body.logprobs <= MAX_TOP_LOGPROBS:
-            raise APIError(400, f"logprobs: must be in [0, {MAX_TOP_LOGPROBS}], "
-                                f"got {body.logprobs}", param="logprobs")
         want_lp = body.logprobs is not None
-        params = self._params(body, body.max_tokens, "max_tokens", logprobs=want_lp,
+        params = self._params(body, body.max_tokens, logprobs=want_lp,
                               top_logprobs=body.logprobs or 0)
         prompts = await run_in_threadpool(self._tokenize_prompts, body.prompt)
         meta = R.ResponseMeta(f"cmpl-{uuid.uuid4().hex}", int(time.time()), self.model_name,
@@ -164,39 +189,36 @@ class OpenAIServer:
 
     def _check_common(self, body: SamplingFields) -> None:
         if body.model is not None and body.model != self.model_name:
-            raise APIError(404, f"model: {body.model!r} does not exist; this server serves "
-                                f"{self.model_name!r} (see /v1/models)",
+            raise APIError(404, f"model: {short(body.model)} does not exist; this server "
+                                f"serves {self.model_name!r} (see /v1/models)",
                            param="model", code="model_not_found")
-        if not 1 <= body.n <= self.max_n:
-            raise APIError(400, f"n: must be in [1, {self.max_n}], got {body.n}", param="n")
+        V.check_sampling(body, vocab_size=self.vocab_size, max_n=self.max_n)
+        if self.draining:
+            raise APIError(503, SHUTTING_DOWN, type="server_error", code=503)
         if not self.client.healthy:
             raise APIError(503, f"engine unavailable: "
                                 f"{self.client.dead_reason or 'not ready yet'}",
                            type="server_error", code=503)
 
-    def _params(self, body: SamplingFields, max_tokens: int | None, max_field: str, *,
+    def _params(self, body: SamplingFields, max_tokens: int | None, *,
                 logprobs: bool, top_logprobs: int) -> SamplingParams:
-        """SamplingParams with everything but the final max_tokens and seed; its
-        __post_init__ gives the `field: why, got X` messages."""
+        """SamplingParams with everything but the final max_tokens and seed (the schema
+        bounds every field already; what SamplingParams adds, e.g. top_logprobs without
+        logprobs, it names as `field: why, got X`)."""
         given = {k: getattr(body, k) for k in (
             "temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
             "repetition_penalty", "seed") if getattr(body, k) is not None}
         if body.top_k is not None:
             given["top_k"] = 0 if body.top_k == -1 else body.top_k   # vLLM's "off"
-        stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
-        if any(not s for s in stops):
-            raise APIError(400, "stop: stop strings must be non-empty", param="stop")
         try:
             return SamplingParams(
                 max_tokens=1 if max_tokens is None else max_tokens,
                 stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos,
-                logprobs=logprobs, top_logprobs=top_logprobs, **given)
+                logprobs=logprobs, top_logprobs=top_logprobs,
+                logit_bias=tuple((int(k), v) for k, v in (body.logit_bias or {}).items()),
+                **given)
         except ValueError as e:
-            err = from_value_error(e)
-            if err.param == "max_tokens":          # name the field the client sent
-                err = APIError(400, f"{max_field}: must be >= 1, got {max_tokens}",
-                               param=max_field)
-            raise err from None
+            raise from_value_error(e) from None
 
     def _render_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         try:
@@ -213,7 +235,7 @@ class OpenAIServer:
             prompt = [prompt]
         if not prompt:
             raise APIError(400, "prompt: must not be empty", param="prompt")
-        vocab = self.client.ready.vocab_size if self.client.ready else self.tokenizer.vocab_size
+        vocab = self.vocab_size
         out = []
         for p in prompt:
             ids = self.tokenizer.encode(p, add_special_tokens=True) if isinstance(p, str) \
@@ -227,8 +249,9 @@ class OpenAIServer:
     def _specs(self, rid: str, body: SamplingFields, params: SamplingParams,
                prompts: Sequence[list[int]], max_tokens: int | None, max_field: str,
                prompt_field: str, request: Request, arrival: float) -> list[ChoiceSpec]:
-        session = request.headers.get(self.session_header) or body.user
-        stops = tuple([body.stop] if isinstance(body.stop, str) else body.stop or [])
+        session = V.session_id(self.session_header, request.headers.get(self.session_header),
+                               body.user)
+        stops = body.stops
         specs = []
         for p, ids in enumerate(prompts):
             if not ids:
@@ -263,7 +286,7 @@ class OpenAIServer:
     # ------------------------------------------------------------------ running
 
     def _engine_error(self, why: str | None) -> APIError:
-        status = 500 if self.client.healthy else 503
+        status = 500 if self.client.healthy and not self.draining else 503
         return APIError(status, f"generation failed: {why or 'engine error'}",
                         type="server_error", code=status)
 

@@ -55,10 +55,6 @@ class ChoiceProcessor:
         self.finish_reason: str | None = None
         self.stopped_by_string = False
 
-    @property
-    def text(self) -> str:
-        return self.stop.text
-
     def process(self, out: RequestOutput) -> ChoiceDelta:
         if self.finish_reason is not None:
             raise RuntimeError(f"choice {self.index} got output after finishing: {out}")
@@ -71,7 +67,7 @@ class ChoiceProcessor:
             return delta
         lps = out.logprobs if self.want_logprobs else ()
         for j, token_id in enumerate(out.token_ids):
-            offset = len(self.stop.text)
+            offset = self.stop.length
             self.completion_tokens += 1
             if j < len(lps):
                 delta.logprobs.append(TokenLogprobAt(lps[j], offset))

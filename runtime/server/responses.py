@@ -31,13 +31,18 @@ class ResponseMeta:
 
 @dataclass(slots=True)
 class ChoiceResult:
-    """A choice accumulated for a non-streaming response."""
-    text: str = ""
+    """A choice accumulated for a non-streaming response (pieces joined once, at the end:
+    `text += piece` would copy the whole text per token)."""
+    pieces: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprobAt] = field(default_factory=list)
     finish_reason: str | None = None
 
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
     def add(self, d: ChoiceDelta) -> None:
-        self.text += d.text
+        self.pieces.append(d.text)
         self.logprobs.extend(d.logprobs)
         self.finish_reason = d.finish_reason or self.finish_reason
 

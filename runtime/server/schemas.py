@@ -1,82 +1,202 @@
 """The OpenAI request bodies tsrun accepts, as pydantic models.
 
-What it is: field names, JSON types and defaults of /v1/chat/completions and
-/v1/completions (strict types: `"temperature": "hot"` or `"max_tokens": 1.5` is a 400, not a
-silent coercion). What it is not: value checks (ranges, context length), which live in
-SamplingParams.__post_init__ and openai_api.py so every message names its field the same way.
-Unknown fields are ignored, as vLLM does (clients send `tools`, `parallel_tool_calls`...).
+What it is: field names, JSON types, defaults and the bounds OpenAI documents for
+/v1/chat/completions and /v1/completions, so all of them are in /openapi.json too. Types are
+strict (`"temperature": "hot"` or `"max_tokens": 1.5` is a 400, not a silent coercion),
+numbers finite (`NaN`, `Infinity`: 400) and strings valid Unicode (a JSON `"\\ud800"`
+escape: 400). `null` means the default, as in OpenAI's spec. A field tsrun does not know is a
+400 naming it, and so is an OpenAI field it does not implement (`UNSUPPORTED`: `tools`,
+`response_format`...) unless the value is the one that changes nothing
+(`null`, `[]`, `"none"`...): a client never gets a parameter silently ignored. What it is
+not: the checks that need the model or the server (vocabulary, context length, --max-n,
+message roles), in validation.py.
+
+    bound                 value       source
+    n                     1..128      OpenAI (the server's max_n may be lower)
+    temperature           0..2        OpenAI
+    top_p                 (0, 1]      OpenAI (0 would sample nothing)
+    presence/frequency    -2..2       OpenAI
+    top_logprobs          0..20       OpenAI (completions' logprobs: the same engine cap)
+    seed                  int64       OpenAI
+    stop                  <= 4        OpenAI ("up to 4 sequences")
+    len(stop string)      1..1024     ours: bounds the stop matcher's set-up
+    stop_token_ids        <= 256      ours (vLLM extension): scanned per sampled token
+    logit_bias            <= 1024     OpenAI (values -100..100; keys token ids as strings)
+    user                  <= 256      ours: the engine keeps a session id while its prefix
+                                      is pinned
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field,
+                      StringConstraints, model_validator)
+
+from tscompile.runtime.protocol import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
+
+MAX_N = 128
+MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 256
+MAX_SESSION_ID_CHARS = 256
+INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def _valid_unicode(s: str) -> str:
+    """JSON can spell a lone UTF-16 surrogate (`"\\ud800"`); no tokenizer can encode it."""
+    try:
+        s.encode()
+    except UnicodeEncodeError as e:
+        raise ValueError(f"not valid Unicode: lone surrogate U+{ord(s[e.start]):04X} at "
+                         f"index {e.start}") from None
+    return s
+
+
+def _integral(v: Any) -> Any:
+    """`26.0` is an integer in JSON Schema (and what some encoders write); `1.5` is not."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+Int = Annotated[int, BeforeValidator(_integral)]
+TokenId = Annotated[Int, Field(ge=0)]
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+NonEmpty = Annotated[str, StringConstraints(min_length=1), AfterValidator(_valid_unicode)]
+Stop = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS),
+                 AfterValidator(_valid_unicode)]
+SessionId = Annotated[str, StringConstraints(max_length=MAX_SESSION_ID_CHARS),
+                      AfterValidator(_valid_unicode)]
+Penalty = Annotated[float, Field(ge=-2, le=2)]
+
+_TOOLS = "tool calling is not implemented yet"
+_FORMAT = "structured outputs are not implemented yet"
+_AUDIO = "tsrun serves text models"
+_STORE = "tsrun stores nothing"
+
+# OpenAI fields tsrun does not implement: name -> (values that change nothing and are
+# accepted besides null, why not). One table for every body model; a model lists the names
+# that are its own in `_unsupported`.
+UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
+    # chat and completions
+    "service_tier": (("auto", "default"), "there is one tier"),
+    "prompt_cache_key": ((), "the session id (x-session-id header or `user`) keys the cache"),
+    "safety_identifier": ((), "no abuse monitoring"),
+    "store": ((False,), _STORE),
+    "metadata": (({},), _STORE),
+    # chat
+    "tools": (([],), _TOOLS),
+    "tool_choice": (("none",), _TOOLS),
+    "parallel_tool_calls": ((), _TOOLS),
+    "functions": (([],), _TOOLS),
+    "function_call": (("none",), _TOOLS),
+    "response_format": (({"type": "text"},), _FORMAT),
+    "audio": ((), _AUDIO),
+    "modalities": ((["text"],), _AUDIO),
+    "prediction": ((), "predicted outputs are not implemented"),
+    "reasoning_effort": ((), "no reasoning models yet"),
+    "verbosity": ((), "no reasoning models yet"),
+    "web_search_options": ((), "no web search"),
+    # completions
+    "best_of": ((1,), "use n"),
+    "echo": ((False,), "the prompt is not returned"),
+    "suffix": ((), "no fill-in-the-middle"),
+    # chat messages
+    "tool_calls": (([],), _TOOLS),
+    "tool_call_id": ((), _TOOLS),
+    "refusal": ((), "assistant refusals are not rendered"),
+    # stream_options
+    "include_obfuscation": ((False,), "streams are not padded"),
+}
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal and of the same JSON type (`0` is not `false`)."""
+    return type(a) is type(b) and a == b
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+    _unsupported: ClassVar[tuple[str, ...]] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: Any) -> Any:
+        """Drop `null`s (the default) and unsupported fields set to a no-op; whatever is
+        left that is not a field fails as `extra_forbidden` (errors.py names it)."""
+        if not isinstance(data, dict):
+            return data
+        return {k: v for k, v in data.items() if v is not None and not (
+            k in cls._unsupported and any(_same(v, ok) for ok in UNSUPPORTED[k][0]))}
 
 
 class StreamOptions(_Body):
+    _unsupported = ("include_obfuscation",)
     include_usage: bool = False
 
 
 class SamplingFields(_Body):
     """Fields shared by both routes. None means "the default" (SamplingParams')."""
-    model: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None             # vLLM extension; -1 or 0 disables it
-    min_p: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    n: int = 1
+    _unsupported = ("service_tier", "prompt_cache_key", "safety_identifier", "store",
+                    "metadata")
+    model: Text | None = None
+    max_tokens: Int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: Int | None = Field(None, ge=-1)        # vLLM extension; -1 or 0 disables it
+    min_p: float | None = Field(None, ge=0, le=1)
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: float | None = Field(None, gt=0)
+    seed: Int | None = Field(None, ge=INT64[0], le=INT64[1])
+    stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    stop_token_ids: list[TokenId] | None = Field(
+        None, max_length=MAX_STOP_TOKEN_IDS)
+    # OpenAI: {"token id": bias}; validation.py checks the keys against the vocabulary.
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, max_length=MAX_LOGIT_BIAS)
+    n: Int = Field(1, ge=1, le=MAX_N)
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None              # the session id unless the header gives one
+    # The session id unless the header gives one.
+    user: SessionId | None = None
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
 
 class ContentPart(BaseModel):
+    # extra="allow": an image or audio part carries its payload; validation.py rejects
+    # every part type but text by name, and a text part's unknown fields.
     model_config = ConfigDict(strict=True, extra="allow")
-    type: str
-    text: str | None = None
+    type: Text
+    text: Text | None = None
 
 
-class ChatMessage(BaseModel):
-    # extra="allow": tool_calls, tool_call_id, name... reach the chat template untouched.
-    model_config = ConfigDict(strict=True, extra="allow")
-    role: str
-    content: str | list[ContentPart] | None = None
-
-    def for_template(self, where: str) -> dict[str, Any]:
-        """The dict a chat template expects; list content is joined text parts."""
-        msg = self.model_dump(exclude_none=True)
-        if isinstance(self.content, list):
-            texts = []
-            for j, part in enumerate(self.content):
-                if part.type != "text" or part.text is None:
-                    raise ValueError(f"{where}.content[{j}]: only text parts are supported, "
-                                     f"got type {part.type!r}")
-                texts.append(part.text)
-            msg["content"] = "\n".join(texts)
-        return msg
+class ChatMessage(_Body):
+    _unsupported = ("tool_calls", "tool_call_id", "function_call", "audio", "refusal")
+    # "tool" and "function" are OpenAI's too: validation.py says they are not supported.
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: Text | list[ContentPart] | None = None
+    name: Text | None = None             # handed to the chat template
 
 
 class ChatCompletionRequest(SamplingFields):
+    _unsupported = SamplingFields._unsupported + (
+        "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call",
+        "response_format", "audio", "modalities", "prediction", "reasoning_effort",
+        "verbosity", "web_search_options")
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None     # the newer name of max_tokens; wins
+    max_completion_tokens: Int | None = Field(None, ge=1)   # max_tokens' newer name; wins
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 class CompletionRequest(SamplingFields):
+    _unsupported = SamplingFields._unsupported + ("best_of", "echo", "suffix")
     # One prompt (text or token ids) or a batch of them; choices are prompt-major.
-    prompt: str | list[int] | list[str] | list[list[int]]
-    logprobs: int | None = None                  # how many top logprobs; 0 = sampled only
-    echo: bool = False
+    prompt: (NonEmpty | Annotated[list[TokenId], Field(min_length=1)]
+             | Annotated[list[NonEmpty], Field(min_length=1)]
+             | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)])
+    # How many top logprobs; 0 = the sampled token's only.
+    logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)

@@ -253,6 +253,7 @@ def test_direct_ops_and_custom_ops_give_the_same_program_results(prog):
     (["--max-graph-batch", "0"], r"--max-graph-batch must be in"),
     (["--kv-memory-fraction", "1.5"], r"--kv-memory-fraction must be in \(0, 1\)"),
     (["--session-ttl", "-1"], "--session-ttl must be >= 0"),
+    (["--shutdown-grace", "-1"], "--shutdown-grace must be >= 0"),
     (["--max-tokens-with-decodes", "600"], r"--max-tokens-with-decodes must be in \[1, "),
     (["--device", "cuda"], "no CUDA device") if not __import__("torch").cuda.is_available()
     else (["--page-size", "0"], "must be positive"),

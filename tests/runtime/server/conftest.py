@@ -7,24 +7,39 @@ stop_token_ids, ignore_eos and logprobs, reports cached_tokens for a session's r
 prefix (whole 16-token pages) and sends EngineStats every step. Markers in the prompt text
 change its behaviour: "[slow]" = one token per 50 ms, never EOS (until max_tokens);
 "[error]" = fail after two tokens.
+
+Below it: `Tsrun`, the real `tsrun` as a subprocess (on SmolLM2-135M, or on a tiny model
+with SmolLM2's vocabulary and random weights), for the reliability suite.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import multiprocessing as mp
 import queue
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
+import httpx
+import openai
 import pytest
 import uvicorn
 
+from tscompile.annotations import Mesh
+from tscompile.build import build
+from tscompile.demo import wait_healthy
+from tscompile.runtime.distributed import free_port
 from tscompile.runtime.protocol import (Abort, AddRequest, EngineReady, EngineStats,
                                         RequestOutput, Shutdown, StepOutputs, TokenLogprob)
 from tscompile.runtime.server import EngineClient, create_app
+from tscompile.runtime.server.shutdown import DrainingServer
 from tscompile.tokenizer import Tokenizer
 
 REPLY = "Hello world! Ça va? 你好 😀 The answer is 42."
@@ -175,11 +190,14 @@ class Stack:
     engine: FakeEngine
     client: EngineClient
     app: object
+    server: DrainingServer
+    thread: threading.Thread
 
 
 @contextlib.contextmanager
-def serve(tokenizer: Tokenizer, **app_kwargs) -> Iterator[Stack]:
-    """Fake engine + EngineClient + app, uvicorn on a free port in a thread."""
+def serve(tokenizer: Tokenizer, grace_s: float = 0.0, **app_kwargs) -> Iterator[Stack]:
+    """Fake engine + EngineClient + app, uvicorn on a free port in a thread (tsrun's
+    DrainingServer: leaving gives requests in flight `grace_s` seconds, then ends them)."""
     engine = FakeEngine(tokenizer)
     engine.start()
     client = EngineClient(engine.requests, engine.outputs, engine=engine, poll_s=0.05)
@@ -189,7 +207,8 @@ def serve(tokenizer: Tokenizer, **app_kwargs) -> Iterator[Stack]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = DrainingServer(uvicorn.Config(app, log_level="warning", lifespan="on"),
+                            app.state.server, grace_s=grace_s)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -197,7 +216,7 @@ def serve(tokenizer: Tokenizer, **app_kwargs) -> Iterator[Stack]:
         assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.01)
     try:
-        yield Stack(f"http://127.0.0.1:{port}", engine, client, app)
+        yield Stack(f"http://127.0.0.1:{port}", engine, client, app, server, thread)
     finally:
         server.should_exit = True
         thread.join(10)
@@ -216,3 +235,99 @@ def tokenizer(smollm2_dir) -> Tokenizer:
 def stack(tokenizer) -> Iterator[Stack]:
     with serve(tokenizer) as s:
         yield s
+
+
+# ---------------------------------------------------------------- a live tsrun (subprocess)
+
+TSRUN = str(Path(sys.executable).parent / "tsrun")
+
+
+class Tsrun:
+    """`tsrun PROGRAM ARGS...` on a free port, as tests/runtime/test_tsrun.py starts it, with
+    its output in a log file (a pipe nobody reads would block a chatty server)."""
+
+    def __init__(self, prog: Path, *args: str, log: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen([TSRUN, str(prog), "--port", str(self.port), *args],
+                                         stdout=out, stderr=subprocess.STDOUT)
+        try:
+            if not wait_healthy(self.url, self.proc, timeout=300):
+                raise RuntimeError("tsrun did not become healthy")
+        except RuntimeError as e:
+            self.proc.kill()
+            raise RuntimeError(f"{e}:\n{log.read_text()[-4000:]}") from None
+        self.model = httpx.get(self.url + "/v1/models").json()["data"][0]["id"]
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0,
+                                    timeout=120)
+        self.children = subprocess.run(["pgrep", "-P", str(self.proc.pid)],
+                                       capture_output=True, text=True).stdout.split()
+
+    def metrics(self) -> dict[str, float]:
+        """Unlabelled samples of /metrics, by name."""
+        out = {}
+        for line in httpx.get(self.url + "/metrics", timeout=10).text.splitlines():
+            if line and not line.startswith("#") and "{" not in line:
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+    def greedy(self, prompt: str, max_tokens: int) -> str:
+        return self.client.completions.create(model=self.model, prompt=prompt,
+                                              max_tokens=max_tokens,
+                                              temperature=0).choices[0].text
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 60) -> int:
+        """Signal tsrun, wait for it, check that its ranks are gone too; its exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout=timeout)
+        deadline = time.monotonic() + 20
+        while [p for p in self.children if _alive(p)] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [p for p in self.children if _alive(p)], "tsrun left processes behind"
+        return rc
+
+
+def _alive(pid: str) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+# A 2-layer Llama with SmolLM2's vocabulary (random weights): the whole tsrun (engine
+# process, C++ scheduler, real tokenizer) at a few milliseconds per step.
+TINY = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_prog(smollm2_dir, tmp_path_factory) -> Path:
+    config = {**json.loads((smollm2_dir / "config.json").read_text()), **TINY}
+    return build("llama", config=config, mesh=Mesh.build(1)).save(
+        tmp_path_factory.mktemp("tiny") / "tiny.tsprog")
+
+
+@pytest.fixture(scope="session")
+def smol_prog(tmp_path_factory) -> Path:
+    return build("llama", preset="smollm2-135m", mesh=Mesh.build(1)).save(
+        tmp_path_factory.mktemp("smol") / "smol.tsprog")
+
+
+def tiny_args(smollm2_dir: Path, *extra: str) -> tuple[str, ...]:
+    return ("--dummy-weights", "--tokenizer", str(smollm2_dir), *extra)
+
+
+def report(record_property, test: str, *, requests: int, failures: int, seconds: float,
+           **more: object) -> None:
+    """A reliability test's figures: printed (shown by `pytest -rA`) and recorded as
+    properties (in a --junitxml report)."""
+    extra = "".join(f", {k}={v}" for k, v in more.items())
+    print(f"[reliability] {test}: {requests} requests, {failures} failures, "
+          f"{seconds:.1f} s{extra}")
+    for key, value in dict(requests=requests, failures=failures, seconds=round(seconds, 2),
+                           **more).items():
+        record_property(key, value)

@@ -7,7 +7,8 @@ import random
 import pytest
 
 from tscompile.runtime.protocol import RequestOutput, TokenLogprob
-from tscompile.runtime.server.detokenizer import IncrementalDetokenizer, StopMatcher, TokenTable
+from tscompile.runtime.server.detokenizer import (MAX_HELD_TOKENS, IncrementalDetokenizer,
+                                                  StopMatcher, TokenTable)
 from tscompile.runtime.server.output import ChoiceProcessor
 
 TEXTS = [
@@ -71,7 +72,7 @@ def _stream(stops, pieces):
 
 def test_stop_holds_back_then_cuts():
     m, sent = _stream(["lo w"], ["Hel", "lo", " wor", "ld"])
-    assert sent == ["He", "l", ""] and m.text == "Hel" and m.matched == "lo w"
+    assert sent == ["He", "l", ""] and m.length == 3 and m.matched == "lo w"
 
 
 def test_stop_near_miss_is_released():
@@ -79,9 +80,23 @@ def test_stop_near_miss_is_released():
     assert sent == ["The ", "", "answer is 42", ""] and m.matched is None
 
 
-def test_earliest_of_several_stops_wins():
-    m, _ = _stream(["world", "o w"], ["Hello world"])
-    assert m.text == "Hell" and m.matched == "o w"
+def test_first_completed_of_several_stops_wins():
+    m, sent = _stream(["world", "o w"], ["Hello world"])
+    assert "".join(sent) == "Hell" and m.matched == "o w"
+    # "bc" completes before "abcd" does, whether the text comes at once or in pieces.
+    for pieces in (["abcd"], ["ab", "cd"], list("abcd")):
+        m, sent = _stream(["abcd", "bc"], pieces)
+        assert ("".join(sent), m.matched) == ("a", "bc"), pieces
+    m, sent = _stream(["bc", "abc"], ["xabc"])        # same end: the longer one
+    assert ("".join(sent), m.matched) == ("x", "abc")
+
+
+def first_stop(text: str, stops: list[str]) -> str:
+    """The oracle: the shortest prefix of `text` that ends with a stop string, less it."""
+    for end in range(1, len(text) + 1):
+        if done := [s for s in stops if text[:end].endswith(s)]:
+            return text[:end - max(map(len, done))]
+    return text
 
 
 def test_stop_matcher_random():
@@ -94,9 +109,8 @@ def test_stop_matcher_random():
         cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, 5)))
         pieces = [text[i:j] for i, j in zip([0] + cuts, cuts + [len(text)])]
         m, sent = _stream(stops, pieces)
-        hits = [i for s in stops if (i := text.find(s)) >= 0]
-        want = text[:min(hits)] if hits else text
-        assert "".join(sent) == want == m.text, (text, stops, pieces)
+        want = first_stop(text, stops)
+        assert "".join(sent) == want and m.length == len(want), (text, stops, pieces)
 
 
 def test_choice_processor_drops_tokens_after_stop(tokenizer):
@@ -121,3 +135,28 @@ def test_choice_processor_engine_finish_and_error(tokenizer):
     bad = ChoiceProcessor(0, tokenizer, [1, 2], []).process(
         RequestOutput("r", finish_reason="error", error="boom"))
     assert (bad.finish_reason, bad.error) == ("error", "boom")
+
+
+def test_stop_matching_is_linear_in_the_text():
+    """100k characters one at a time against 4 near-matching 1024-character stop strings
+    (the API's limits): rescanning the held-back tail per token would cost ~10^11 steps."""
+    import time
+    stops = ["a" * 1023 + "b", "a" * 1000 + "c", "ab" * 512, "a" * 1022 + "d"]
+    m = StopMatcher(stops)
+    t0 = time.perf_counter()
+    sent = sum(len(m.take()) for _ in range(100_000) if not m.feed("a"))
+    seconds = time.perf_counter() - t0
+    print(f"stop matching: 100000 chars x 4 stops in {seconds:.2f} s")
+    assert (m.matched, m.length, sent) == (None, 100_000, 100_000 - 1023)
+    assert seconds < 5
+
+
+def test_detokenizer_window_is_bounded(tokenizer):
+    """Tokens that add no text (special tokens, skipped) do not grow the decode window."""
+    special = tokenizer.encode("<|im_start|>")
+    assert len(special) == 1 and tokenizer.decode(special) == ""
+    counting = CountingTokenizer(tokenizer)
+    d = IncrementalDetokenizer(counting)
+    ids = special * 500 + tokenizer.encode(" ok")
+    assert "".join(d.add(t) for t in ids) + d.flush() == " ok"
+    assert counting.decoded <= 4 * MAX_HELD_TOKENS * len(ids)     # unbounded: ~len(ids)**2 / 2

@@ -159,6 +159,13 @@ def test_stop_token_ids_and_ignore_eos(oai, stack, tokenizer):
     assert eos not in [world]
 
 
+def test_logit_bias_reaches_the_engine(oai, stack):
+    r = oai.completions.create(model=MODEL, prompt="x", max_tokens=2,
+                               logit_bias={"15": 5, "7": -100})
+    add = next(a for a in stack.engine.adds() if a.rid.startswith(r.id))
+    assert sorted(add.params.logit_bias) == [(7, -100.0), (15, 5.0)]
+
+
 def test_sessions_and_cached_tokens(oai, stack):
     long = [{"role": "user", "content": "tell me a long story about " + "cats " * 40}]
     r1 = oai.chat.completions.create(model=MODEL, messages=long, max_tokens=2,
