@@ -74,21 +74,28 @@ def _rank_main(rank: int, port: int, prog: str, out: Path) -> None:
     dist.destroy_process_group()
 
 
-def test_two_ranks_padded_decode_over_a_side_group_equal_each_request_alone(tmp_path):
+def _two_ranks(tmp_path: Path, *mode: str, timeout: float) -> tuple[list[int], str]:
+    """This file as a script on ranks 0 and 1 of a tp-2 tiny Llama: exit codes, both logs."""
     prog = build("llama", preset="tiny", mesh=Mesh.build(2)).save(tmp_path / "tp2.tsprog")
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     logs = [open(tmp_path / f"rank{r}.log", "w") for r in range(2)]
     procs = [subprocess.Popen([sys.executable, __file__, str(r), str(port), str(prog),
-                               str(tmp_path)], stdout=logs[r], stderr=subprocess.STDOUT, env=env)
+                               str(tmp_path), *mode], stdout=logs[r], stderr=subprocess.STDOUT,
+                              env=env)
              for r in range(2)]
     try:
-        codes = [p.wait(timeout=300) for p in procs]
+        codes = [p.wait(timeout=timeout) for p in procs]      # a hang fails here
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    assert codes == [0, 0], "\n".join((tmp_path / f"rank{r}.log").read_text() for r in range(2))
+    return codes, "\n".join((tmp_path / f"rank{r}.log").read_text() for r in range(2))
+
+
+def test_two_ranks_padded_decode_over_a_side_group_equal_each_request_alone(tmp_path):
+    codes, text = _two_ranks(tmp_path, timeout=300)
+    assert codes == [0, 0], text
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert got[0]["replays"] == got[1]["replays"] > 0
     model, _ = load_model("llama", preset="tiny", dummy_weights=True, seed=SEED)
@@ -142,21 +149,7 @@ def test_a_failed_step_at_world_two_is_fatal_and_stops_both_ranks(tmp_path):
     import pickle
 
     from tscompile.runtime.protocol import StepOutputs
-    prog = build("llama", preset="tiny", mesh=Mesh.build(2)).save(tmp_path / "tp2.tsprog")
-    port = free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    logs = [open(tmp_path / f"rank{r}.log", "w") for r in range(2)]
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(port), str(prog),
-                               str(tmp_path), "fail"], stdout=logs[r], stderr=subprocess.STDOUT,
-                              env=env)
-             for r in range(2)]
-    try:
-        codes = [p.wait(timeout=120) for p in procs]       # a hang fails here
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    text = "\n".join((tmp_path / f"rank{r}.log").read_text() for r in range(2))
+    codes, text = _two_ranks(tmp_path, "fail", timeout=120)
     assert codes[0] == 1 and codes[1] != 0, text
     assert "a step failed at world 2" in text
     msgs = []
