@@ -24,6 +24,8 @@ from typing import Any, Callable
 
 import torch
 
+from tscompile.kernels import REGISTRY
+
 BF16 = torch.bfloat16
 EPS = 1e-6
 
@@ -192,8 +194,8 @@ def main() -> None:
               f"{100 * r['out0_frac_diff']:6.2f}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"device": props.name, "roofs": roof, "cases": rows, "sweep": sweep_rows},
-                      f, indent=1)
+            json.dump({"device": props.name, "roofs": roof, "cases": rows, "sweep": sweep_rows,
+                       "kernels": REGISTRY.selections()}, f, indent=1)
 
 
 if __name__ == "__main__":
