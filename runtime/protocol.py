@@ -141,3 +141,5 @@ class EngineReady:
     max_model_len: int
     vocab_size: int
     eos_token_ids: tuple[int, ...] = field(default=())
+    # ("op@device/dtype", backend) for every kernel the warm-up selected (/metrics shows it)
+    kernels: tuple[tuple[str, str], ...] = field(default=())

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tscompile.kernels import REGISTRY
 from tscompile.runtime.distributed import free_port
 from tscompile.runtime.cuda_graphs import run_step
 from tscompile.runtime.engine import Engine, EngineConfig, RankFailure
@@ -110,7 +111,8 @@ def _rank_main(rank: int, world: int, port: int, cfg: ServeConfig, eos: tuple[in
             engine = Engine(program, cfg.engine, vocab_size=c.vocab_size, eos_token_ids=eos,
                             max_position_embeddings=getattr(c, "max_position_embeddings", None),
                             dtype=dtype, device=device, num_blocks=num_blocks)
-            outputs.put(EngineReady(cfg.model_name, engine.max_model_len, c.vocab_size, eos))
+            outputs.put(EngineReady(cfg.model_name, engine.max_model_len, c.vocab_size, eos,
+                                    kernels=tuple(REGISTRY.selections().items())))
             _engine_loop(engine, requests, outputs, parent)
         else:
             graphs = bind_rank(program, cfg.engine, num_blocks, max_len, dtype, device)

@@ -5,8 +5,8 @@ concurrency level with the client (each level starts from the workload's first s
 every level replays the same shapes), and write into the output folder:
 
     requests.csv   one row per request (raw; metrics can be recomputed from it)
-    summary.json   metadata (server URL, model, gpus, date, git commit, workload, client
-                   settings) + per-level metrics + the headline at the TPS/user floors
+    summary.json   metadata (server URL, model, tsrun's kernel per op, gpus, date, git
+                   commit, workload, client settings) + per-level metrics + the headline at the TPS/user floors
     pareto.png     TPS/user against output TPM/GPU
 
 What it is not: a server launcher (start tsrun, vLLM, ... yourself and pass --url).
@@ -73,11 +73,23 @@ def server_models(cfg: C.ClientConfig) -> list[str]:
     return [m["id"] for m in r.json().get("data") or []]
 
 
+def server_kernels(cfg: C.ClientConfig) -> dict[str, str] | None:
+    """tsrun's kernel per op (`tsrun_kernel_info` on /metrics); None from another server."""
+    from prometheus_client.parser import text_string_to_metric_families
+    r = httpx.get(cfg.url.rstrip("/") + "/metrics", headers=C.headers(cfg), timeout=30)
+    if r.status_code != 200:
+        return None
+    found = {s.labels["op"]: s.labels["backend"]
+             for fam in text_string_to_metric_families(r.text) if fam.name == "tsrun_kernel_info"
+             for s in fam.samples}
+    return found or None
+
+
 def metadata(ccfg: C.ClientConfig, scfg: SweepConfig, model: str, models: list[str],
              sessions: list[Session], workload: dict[str, Any], tag: str) -> dict[str, Any]:
     client = {k: v for k, v in dataclasses.asdict(ccfg).items() if k != "api_key"}
     return {"label": scfg.label or model, "server_url": ccfg.url, "model": model,
-            "server_models": models, "gpus": scfg.gpus,
+            "server_models": models, "server_kernels": server_kernels(ccfg), "gpus": scfg.gpus,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "git": git_commit(), "run_tag": tag, "levels": list(scfg.levels),
             "warmup": {"sessions": scfg.warmup_sessions, "turns": scfg.warmup_turns},

@@ -2,7 +2,8 @@
 
 What it is: latency histograms the API process observes itself (it sees each token arrive)
 and a collector that reads the engine's latest `EngineStats` at scrape time: gauges for the
-queue and KV pool (and the API's own count of requests it still streams), counters from the
+queue and KV pool (and the API's own count of requests it still streams), the kernel each op
+runs (`tsrun_kernel_info{op, backend}`, from EngineReady), counters from the
 engine's cumulative totals (exported as-is, so a restarted API process never double counts).
 Names carry the `tsrun_` prefix, e.g. `tsrun_time_to_first_token_seconds`,
 `tsrun_prompt_tokens_total`.
@@ -42,6 +43,12 @@ class _EngineStatsCollector(Collector):
                                 "Requests queued in the engine", value=waiting)
         yield GaugeMetricFamily(PREFIX + "kv_cache_usage_perc",
                                 "Fraction of KV cache blocks in use (1 = full)", value=usage)
+        kernels = GaugeMetricFamily(PREFIX + "kernel_info",
+                                    "The kernel backend each op runs (value 1)",
+                                    labels=("op", "backend"))
+        for op, backend in self.client.ready.kernels if self.client.ready else ():
+            kernels.add_metric((op, backend), 1)
+        yield kernels
         yield GaugeMetricFamily(PREFIX + "api_requests_pending",
                                 "Engine requests the API process is still streaming",
                                 value=self.client.num_pending)

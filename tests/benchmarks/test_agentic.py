@@ -221,6 +221,8 @@ def test_sweep_smoke_against_live_tsrun(tmp_path, smollm2_dir, capsys):
     meta = summary["metadata"]
     assert meta["model"] == "smol" and meta["gpus"] == 1 and meta["server_url"] == s.url
     assert meta["git"]["commit"] and meta["date"] and meta["workload"]["shape"]["sessions"] == 4
+    assert meta["server_kernels"]["gqa_decode@cpu/float32"] == "reference"   # tsrun's own
+    assert meta["server_kernels"]["gqa_prefill@cpu/float32"] == "reference"
     assert [lv["concurrency"] for lv in summary["levels"]] == [1, 2]
     for lv in summary["levels"]:
         assert lv["completed"] == lv["requests"] == 4 and lv["errors"] == 0

@@ -45,6 +45,7 @@ from tscompile.tokenizer import Tokenizer
 REPLY = "Hello world! Ça va? 你好 😀 The answer is 42."
 MODEL = "smollm2-fake"
 MAX_MODEL_LEN = 256
+KERNELS = (("gqa_decode@cpu/float32", "reference"), ("rms_norm@cpu/float32", "reference"))
 PAGE = 16
 
 
@@ -114,7 +115,7 @@ class FakeEngine(threading.Thread):
 
     def run(self) -> None:
         self.outputs.put(EngineReady(MODEL, MAX_MODEL_LEN, self.tokenizer.vocab_size,
-                                     self.tokenizer.eos_token_ids))
+                                     self.tokenizer.eos_token_ids, kernels=KERNELS))
         active: dict[str, _Active] = {}
         step = 0
         while not self._killed.is_set():

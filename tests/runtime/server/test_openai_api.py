@@ -10,7 +10,7 @@ import pytest
 
 from tscompile.runtime.protocol import Abort
 
-from .conftest import MAX_MODEL_LEN, MODEL, PAGE, REPLY
+from .conftest import KERNELS, MAX_MODEL_LEN, MODEL, PAGE, REPLY
 
 HELLO = [{"role": "user", "content": "hi"}]
 
@@ -202,6 +202,8 @@ def test_models_health_metrics(oai, stack):
         assert 0 < value <= totals[key], name
     assert "tsrun_prefix_cache_hit_tokens_total " in text
     assert 'tsrun_request_success_total{finish_reason="length"}' in text
+    for op, backend in KERNELS:
+        assert f'tsrun_kernel_info{{backend="{backend}",op="{op}"}} 1.0' in text
 
 
 def test_stream_disconnect_aborts(stack):
