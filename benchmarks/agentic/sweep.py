@@ -6,7 +6,8 @@ every level replays the same shapes), and write into the output folder:
 
     requests.csv   one row per request (raw; metrics can be recomputed from it)
     summary.json   metadata (server URL, model, tsrun's kernel per op, gpus, date, git
-                   commit, workload, client settings) + per-level metrics + the headline at the TPS/user floors
+                   commit, workload, client settings) + per-level metrics + the headline at
+                   the TPS/user floors
     pareto.png     TPS/user against output TPM/GPU
 
 What it is not: a server launcher (start tsrun, vLLM, ... yourself and pass --url).
