@@ -53,3 +53,19 @@ def smollm2_hf(smollm2_dir):
 
     return transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir,
                                                              dtype=torch.float32).eval()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The figures reliability tests record (`record_property`: requests, failures,
+    seconds, ...) in every run's output, passed or failed, without -rA."""
+    lines = []
+    for kind in ("passed", "failed"):
+        for rep in terminalreporter.stats.get(kind, []):
+            props = dict(getattr(rep, "user_properties", ()) or ())
+            if rep.when == "call" and "requests" in props:
+                figures = ", ".join(f"{k}={v}" for k, v in props.items())
+                lines.append(f"{kind.upper()} {rep.nodeid.split('::')[-1]}: {figures}")
+    if lines:
+        terminalreporter.section("reliability figures")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -324,8 +324,8 @@ def tiny_args(smollm2_dir: Path, *extra: str) -> tuple[str, ...]:
 
 def report(record_property, test: str, *, requests: int, failures: int, seconds: float,
            **more: object) -> None:
-    """A reliability test's figures: printed (shown by `pytest -rA`) and recorded as
-    properties (in a --junitxml report)."""
+    """A reliability test's figures: recorded as properties (every run's "reliability
+    figures" section, tests/conftest.py; a --junitxml report) and printed (`-rA`)."""
     extra = "".join(f", {k}={v}" for k, v in more.items())
     print(f"[reliability] {test}: {requests} requests, {failures} failures, "
           f"{seconds:.1f} s{extra}")
