@@ -96,7 +96,9 @@ def bind_rank(program: RankProgram, cfg: EngineConfig, num_blocks: int, max_mode
 def warm_up(program: RankProgram, page_size: int, *, scratch_block: int,
             device: torch.device) -> None:
     """One step of a decode (1 token) and a prefill (2 tokens), both in the scratch block:
-    selects (and on a GPU compiles) the kernels of both paths before the first request."""
+    selects the kernels of both paths before the first request, and on a GPU compiles them
+    for these shapes (a long first prefill still compiles other variants on its path:
+    benchmarks/results/first_prefill/README.md)."""
     prefill_blocks = [scratch_block] * -(-2 // page_size)
     meta = build_metadata([1, 2], [1, 2], [[scratch_block], prefill_blocks], page_size,
                           device=device)
