@@ -104,14 +104,16 @@ def _check_offline(params: SamplingParams) -> None:
 
 
 def sample_one(logits: torch.Tensor, params: SamplingParams, offset: int) -> int:
-    """One token from `logits` [V]; `params.seed` None draws from torch's global generator."""
+    """One token from `logits` [V] at draw `offset`; `params.seed` must be set (generate()
+    fixes one per request when the caller gave none)."""
+    if params.seed is None:
+        raise ValueError("sample_one: params.seed must be set (generate() picks one)")
     dev = logits.device
-    seed = params.seed if params.seed is not None else int(torch.randint(2**62, ()))
     return int(sample(
         logits[None].float(), torch.tensor([params.temperature], device=dev),
         torch.tensor([params.top_k], dtype=torch.int32, device=dev),
         torch.tensor([params.top_p], device=dev), torch.tensor([params.min_p], device=dev),
-        torch.tensor([seed], dtype=torch.int64, device=dev),
+        torch.tensor([params.seed], dtype=torch.int64, device=dev),
         torch.tensor([offset], dtype=torch.int64, device=dev))[0])
 
 
