@@ -5,8 +5,10 @@ Legend: T tokens, H hidden, E experts, I expert width, k experts per token.
 * `tscompile::moe_route(router_logits [T, E], correction_bias [E] | None, top_k, scoring,
   renormalize, num_groups, topk_groups, routed_scaling_factor) -> (weights [T, k] fp32,
   ids [T, k] int32)`.
-    - `scoring="softmax"` (Mixtral, Qwen3-MoE): p = softmax(logits); top-k of p;
-      optionally renormalised to sum to 1.
+    - `scoring="softmax"` (Mixtral, Qwen3-MoE, DeepSeek-V2 "greedy"): p = softmax(logits);
+      top-k of p; optionally renormalised to sum to 1; times `routed_scaling_factor`.
+      With `num_groups > 1` the groups are scored as below (sum of the two best), which is
+      not DeepSeek-V2's "group_limited_greedy" (a group's best expert): no model file uses it.
     - `scoring="sigmoid"` (DeepSeek-V3, Kimi K2): s = sigmoid(logits); choice score
       s + correction_bias; experts are split into `num_groups` groups, each group scored by
       the sum of its two best choice scores, only the best `topk_groups` groups compete;

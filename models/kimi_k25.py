@@ -1,8 +1,16 @@
 """Kimi K2 / K2.5 and Moonlight: the DeepSeek-V3 architecture (DeepSeek-AI 2024; Kimi Team
-2025) as Moonshot configures it. Pre-norm decoder; multi-head latent attention (MLA) with
-decoupled RoPE; the first `first_k_dense_replace` layers use a dense SwiGLU MLP, the rest a
-mixture of experts with shared experts and sigmoid routing with a load-balancing
-correction bias (auxiliary-loss-free, "noaux_tc").
+2025) as Moonshot configures it, and DeepSeek-V2 / V2-Lite (DeepSeek-AI 2024), its
+predecessor. Pre-norm decoder; multi-head latent attention (MLA) with decoupled RoPE; the
+first `first_k_dense_replace` layers use a dense SwiGLU MLP, the rest a mixture of experts
+with shared experts. Routing (`scoring_func`):
+    "sigmoid" (V3, Kimi, Moonlight; topk_method "noaux_tc"): s = sigmoid(logits), chosen by
+        s + e_score_correction_bias (auxiliary-loss-free balancing) within the best
+        `topk_group` of `n_group` expert groups; weights s, renormalised if norm_topk_prob,
+        times routed_scaling_factor.
+    "softmax" (V2, V2-Lite; topk_method "greedy"): p = softmax(logits), the top k of p over
+        all experts, no bias, no groups; weights p, renormalised only if norm_topk_prob (as
+        DeepSeek's own modeling code does; transformers' DeepseekV2 ignores the flag; V2 and
+        V2-Lite set it false), times routed_scaling_factor (V2-Lite: 1.0).
 
 Dimension legend: T tokens in the step (flat batch of all sequences), H hidden_size,
 Nh attention heads, Lq q_lora_rank, L kv_lora_rank, dn qk_nope_head_dim, dr qk_rope_head_dim,
@@ -52,6 +60,9 @@ class KimiK25Config:
     n_routed_experts: int
     num_experts_per_tok: int
     n_shared_experts: int = 1
+    # "sigmoid": DeepSeek-V3 routing (correction bias, group limit); "softmax": DeepSeek-V2
+    # greedy top-k (no bias; n_group must be 1). See the module docstring.
+    scoring_func: str = "sigmoid"
     n_group: int = 1
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
@@ -86,6 +97,14 @@ class KimiK25Config:
         if self.n_shared_experts < 0:
             raise ValueError(f"KimiK25Config.n_shared_experts must be >= 0, "
                              f"got {self.n_shared_experts}")
+        if self.scoring_func not in ("sigmoid", "softmax"):
+            raise ValueError(f"KimiK25Config.scoring_func must be 'sigmoid' (DeepSeek-V3) or "
+                             f"'softmax' (DeepSeek-V2), got {self.scoring_func!r}")
+        if self.scoring_func == "softmax" and self.n_group != 1:
+            raise ValueError(f"KimiK25Config.n_group={self.n_group} with scoring_func='softmax':"
+                             " softmax routing is DeepSeek-V2's greedy top-k over all experts "
+                             "(n_group=1); its group-limited variant (group score = the "
+                             "group's best expert) is not implemented")
         if self.n_routed_experts % self.n_group:
             raise ValueError(f"KimiK25Config.n_routed_experts={self.n_routed_experts} does not "
                              f"split into n_group={self.n_group} equal groups")
@@ -123,14 +142,16 @@ class KimiK25Config:
     def from_hf(cls, d: dict[str, Any]) -> KimiK25Config:
         # Kimi K2.5 is multimodal: its config.json nests the language model.
         d = d if "hidden_size" in d else d.get("text_config", d)
-        # A key missing from config.json means what transformers' DeepseekV3Config says.
-        d = {**_HF_DEFAULTS, **d}
+        # A key missing from config.json means what transformers' DeepseekV2Config or
+        # DeepseekV3Config says (V2 has no scoring_func key: it always routes by softmax).
+        v2 = d.get("model_type") == "deepseek_v2"
+        d = {**(_HF_V2_DEFAULTS if v2 else _HF_DEFAULTS), **d}
         if d.get("moe_layer_freq", 1) != 1:
             raise ValueError(f"config.json moe_layer_freq={d['moe_layer_freq']} is not "
                              "supported (only 1: every layer after the dense ones is MoE)")
-        if d.get("scoring_func", "sigmoid") != "sigmoid":
-            raise ValueError(f"config.json scoring_func={d['scoring_func']!r}: this model file "
-                             "builds DeepSeek-V3 routing (sigmoid + correction bias)")
+        scoring, n_group, topk_group = _hf_routing(d)
+        if d.get("num_experts_per_tok") is None:
+            raise ValueError("config.json has no num_experts_per_tok")
         if d.get("hidden_act", "silu") != "silu":
             raise ValueError(f"config.json hidden_act={d['hidden_act']!r}: only silu is "
                              "supported")
@@ -147,8 +168,8 @@ class KimiK25Config:
             qk_nope_head_dim=d["qk_nope_head_dim"], qk_rope_head_dim=d["qk_rope_head_dim"],
             v_head_dim=d["v_head_dim"], n_routed_experts=experts,
             num_experts_per_tok=d["num_experts_per_tok"],
-            n_shared_experts=d["n_shared_experts"] or 0,
-            n_group=d["n_group"] or 1, topk_group=d["topk_group"] or 1,
+            n_shared_experts=d["n_shared_experts"] or 0, scoring_func=scoring,
+            n_group=n_group, topk_group=topk_group,
             routed_scaling_factor=float(d["routed_scaling_factor"]),
             norm_topk_prob=bool(d["norm_topk_prob"]),
             first_k_dense_replace=d["first_k_dense_replace"] or 0,
@@ -169,6 +190,43 @@ _HF_DEFAULTS: dict[str, Any] = {
     "rope_interleave": True, "max_position_embeddings": 4096, "attention_bias": False,
     "tie_word_embeddings": False,
 }
+# transformers' DeepseekV2Config defaults (model_type deepseek_v2). V2 always pairs RoPE dims
+# GPT-J style (HF: complex multiplication of (2i, 2i+1)); it has no rope_interleave key.
+_HF_V2_DEFAULTS: dict[str, Any] = {
+    "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+    "v_head_dim": 128, "moe_intermediate_size": 1407, "n_shared_experts": 2, "n_group": None,
+    "topk_group": None, "first_k_dense_replace": 0, "routed_scaling_factor": 1.0,
+    "norm_topk_prob": False, "rms_norm_eps": 1e-6, "rope_interleave": True,
+    "max_position_embeddings": 2048, "attention_bias": False, "tie_word_embeddings": False,
+    "scoring_func": "softmax", "topk_method": "greedy",
+}
+
+
+def _hf_routing(d: dict[str, Any]) -> tuple[str, int, int]:
+    """(scoring_func, n_group, topk_group) from config.json's scoring_func / topk_method.
+
+    sigmoid + noaux_tc (V3; a V3 config without topk_method means noaux_tc): as written.
+    softmax + greedy (V2-Lite): top-k over all experts, so n_group / topk_group (which
+    DeepSeek's and HF's greedy routers ignore) become 1. softmax + group_limited_greedy
+    (V2, V2.5) is the same when it keeps every group; otherwise it is refused."""
+    scoring = d.get("scoring_func") or "sigmoid"
+    method = d.get("topk_method") or ("noaux_tc" if scoring == "sigmoid" else "greedy")
+    n_group, topk_group = d.get("n_group") or 1, d.get("topk_group") or 1
+    if scoring == "sigmoid" and method == "noaux_tc":
+        return scoring, n_group, topk_group
+    if scoring == "softmax" and method == "greedy":
+        return scoring, 1, 1
+    if scoring == "softmax" and method == "group_limited_greedy":
+        if n_group == 1 or topk_group >= n_group:
+            return scoring, 1, 1
+        raise ValueError(f"config.json topk_method='group_limited_greedy' with n_group={n_group}"
+                         f", topk_group={topk_group} (DeepSeek-V2's device-limited routing: "
+                         "only the experts of the best topk_group groups, each group scored "
+                         "by its best expert, compete) is not supported; supported: "
+                         "topk_method 'greedy' (or group_limited_greedy keeping every group)")
+    raise ValueError(f"config.json scoring_func={scoring!r} with topk_method={method!r} is not "
+                     "supported; supported: sigmoid + noaux_tc (DeepSeek-V3) and softmax + "
+                     "greedy (DeepSeek-V2)")
 
 
 PRESETS: dict[str, KimiK25Config] = {
@@ -193,6 +251,22 @@ PRESETS: dict[str, KimiK25Config] = {
         topk_group=1, routed_scaling_factor=2.446, first_k_dense_replace=1,
         rms_norm_eps=1e-5, rope_theta=50000.0, max_position_embeddings=8192,
         bos_token_id=163584, eos_token_id=163586),
+    # deepseek-ai/DeepSeek-V2-Lite config.json (model_type deepseek_v2): 15.7B parameters,
+    # 2.4B active per token. No query LoRA; softmax greedy routing (6 of 64 experts, not
+    # renormalised, scale 1.0) + 2 shared experts; YaRN x40 from 4K, mscale = mscale_all_dim
+    # (cos/sin unscaled, softmax scale x mscale(40, 0.707)^2). One GPU: 29.3 GiB of bf16
+    # weights (H200, dummy weights: 31.2 GiB peak with 8 sequences of ~2K tokens).
+    "deepseek-v2-lite": KimiK25Config(
+        vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+        moe_intermediate_size=1408, num_layers=27, num_heads=16, q_lora_rank=None,
+        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2,
+        scoring_func="softmax", n_group=1, topk_group=1, routed_scaling_factor=1.0,
+        norm_topk_prob=False, first_k_dense_replace=1, rms_norm_eps=1e-6, rope_theta=10000.0,
+        rope_scaling={"rope_type": "yarn", "factor": 40.0,
+                      "original_max_position_embeddings": 4096, "beta_fast": 32.0,
+                      "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707},
+        max_position_embeddings=163840, bos_token_id=100000, eos_token_id=100001),
     # moonshotai/Kimi-K2.5 config.json text_config (model_type kimi_k2), as mirrored by
     # NVIDIA Megatron-Lite's Kimi K2.5 family defaults and vLLM's Kimi K2.5 kernel tests:
     # YaRN x64 from 4K with beta_fast 32 (K2-Thinking used beta_fast 1), rms eps 1e-5.
@@ -271,7 +345,8 @@ class DecoderLayer(nn.Module):
             self.mlp = GatedMLP(c.hidden_size, c.intermediate_size)
         else:
             self.mlp = MoE(c.hidden_size, c.moe_intermediate_size, c.n_routed_experts,
-                           c.num_experts_per_tok, scoring="sigmoid", correction_bias=True,
+                           c.num_experts_per_tok, scoring=c.scoring_func,
+                           correction_bias=c.scoring_func == "sigmoid",
                            renormalize=c.norm_topk_prob, num_groups=c.n_group,
                            topk_groups=c.topk_group,
                            routed_scaling_factor=c.routed_scaling_factor,
@@ -304,4 +379,4 @@ class KimiK25ForCausalLM(CausalLM):
 
 MODEL = KimiK25ForCausalLM
 CONFIG = KimiK25Config
-HF_MODEL_TYPES = ("deepseek_v3", "kimi_k2")
+HF_MODEL_TYPES = ("deepseek_v3", "kimi_k2", "deepseek_v2")
