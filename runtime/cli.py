@@ -61,6 +61,10 @@ def parse(argv: list[str] | None = None) -> ServeConfig:
     p.add_argument("--shutdown-grace", type=float, default=_S.shutdown_grace_s,
                    help="seconds in-flight requests get to finish after SIGTERM (a second "
                         "SIGTERM ends them at once, each with an error)")
+    p.add_argument("--tool-call-parser", default=_S.tool_call_parser,
+                   help="the model family whose tool-call and reasoning format tsrun parses "
+                        "(kimi_k2, deepseek_v3, deepseek_v31, qwen3, qwen3_coder, llama3_json, "
+                        "or none; default: from the checkpoint's model type)")
     a = p.parse_args(argv)
     engine = EngineConfig(
         max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
@@ -75,7 +79,8 @@ def parse(argv: list[str] | None = None) -> ServeConfig:
                        host=a.host, port=a.port, api_key=a.api_key,
                        served_model_name=a.served_model_name,
                        threads_per_rank=a.threads_per_rank,
-                       shutdown_grace_s=a.shutdown_grace, engine=engine)
+                       shutdown_grace_s=a.shutdown_grace,
+                       tool_call_parser=a.tool_call_parser, engine=engine)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,11 @@ sampler and the per-request bookkeeping the API needs (prompt length, cached tok
 generated ids, the request's seed), and runs one step at a time: the plan's arrays become
 the program's inputs (broadcast to the other TP ranks), rank 0's logits are sampled, and
 the sampled ids go back to the scheduler, which decides stop-token and length finishes.
+A request with a grammar (`SamplingParams.grammar`) gets a matcher from the engine's
+`GrammarCompiler` when it is added (kept across preemption: the generated tokens are kept,
+so is its state); the sampler masks its rows with it, and each sampled token advances it
+here. A grammar that has finished (accepted EOS) ends the request as "stop"; a token it
+refuses (a bug, not a request error) ends that request with an error naming the grammar.
 What it is not: the API (tokenization, stop strings, streaming: runtime/server/) or the
 process launch (runtime/serve.py). Requests are `protocol.AddRequest`; every result is a
 `protocol.RequestOutput`, and a request the engine cannot take gets an error output,
@@ -24,6 +29,7 @@ from tscompile.runtime._scheduler import (
     FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, Scheduler,
 )
 from tscompile.runtime.cuda_graphs import run_step
+from tscompile.runtime.grammar import GrammarCompiler, GrammarMatcher
 from tscompile.runtime.kv_cache import bind_rank, kv_blocks
 from tscompile.runtime.program import RankProgram
 from tscompile.runtime.protocol import AddRequest, EngineStats, RequestOutput, SamplingParams
@@ -114,15 +120,22 @@ class _Live:
     slot: int | None = None          # sampler row while the request holds KV
     seed: int | None = None
     cached: int | None = None        # prefix-hit tokens at first admission
+    grammar: GrammarMatcher | None = None   # params.grammar's matcher, for the request's life
 
 
 class Engine:
     def __init__(self, program: RankProgram, cfg: EngineConfig, *, vocab_size: int,
                  eos_token_ids: tuple[int, ...] = (), max_position_embeddings: int | None = None,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 num_blocks: int | None = None):
+                 num_blocks: int | None = None, grammar: GrammarCompiler | None = None):
         """`num_blocks`: the KV pool size if already decided (serving decides it first and
-        shares it with the other ranks, which bind and capture alongside); else kv_blocks()."""
+        shares it with the other ranks, which bind and capture alongside); else kv_blocks().
+        `grammar`: compiles requests' grammars (built for this model's vocab and EOS ids);
+        None: a request with a grammar gets an error output."""
+        if grammar is not None and grammar.vocab_size != vocab_size:
+            raise ValueError(f"the grammar compiler is built for a vocab of "
+                             f"{grammar.vocab_size}, the model's is {vocab_size}")
+        self.grammar = grammar
         self.program, self.cfg = program, cfg
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:   # "cuda" -> "cuda:0"
@@ -168,12 +181,21 @@ class Engine:
         if len(req.prompt_ids) >= self.max_model_len:
             return error(f"prompt of {len(req.prompt_ids)} tokens does not fit max_model_len "
                          f"{self.max_model_len}")
+        matcher = None
+        if p.grammar is not None:
+            if self.grammar is None:
+                return error("grammar: this engine has no grammar backend (tsrun builds one "
+                             "from the tokenizer folder)")
+            try:
+                matcher = self.grammar.matcher(p.grammar)
+            except ValueError as e:
+                return error(str(e))
         stop = tuple(p.stop_token_ids) + (() if p.ignore_eos else self.eos)
         key = self._next_key
         self._next_key += 1
         self.sched.add_request(key, np.asarray(req.prompt_ids, np.int32), p.max_tokens,
                                list(stop), req.session_id or "", req.arrival)
-        self.live[key] = _Live(req.rid, p, tuple(req.prompt_ids))
+        self.live[key] = _Live(req.rid, p, tuple(req.prompt_ids), grammar=matcher)
         self.keys[req.rid] = key
         return None
 
@@ -244,7 +266,8 @@ class Engine:
             r = self.live[key]
             r.slot = slot
             r.cached = cached if r.cached is None else r.cached
-            r.seed = self.sampler.admit(slot, r.params, r.prompt, r.outputs, seed=r.seed)
+            r.seed = self.sampler.admit(slot, r.params, r.prompt, r.outputs, seed=r.seed,
+                                        grammar=r.grammar)
 
     def _forward_and_sample(self, plan: dict) -> tuple[list[int], SampleResult]:
         inputs = StepInputs.from_plan(plan, self.block_table, self.cfg.page_size)
@@ -257,18 +280,30 @@ class Engine:
         return keys, self.sampler.sample(logits, slots, steps)
 
     def _commit(self, keys: list[int], result: SampleResult) -> list[RequestOutput]:
-        """The sampled tokens to the scheduler (which decides stop and length finishes),
-        then one output per sampled request still live."""
+        """The sampled tokens to the scheduler (which decides stop and length finishes) and
+        to the requests' grammars, then one output per sampled request still live."""
         tokens = result.token_ids.cpu().numpy().astype(np.int32)
-        codes = self.sched.update(tokens, time.monotonic())
+        now = time.monotonic()
+        codes = self.sched.update(tokens, now)
         lps = result.token_logprobs() if result.logprobs is not None else [None] * len(keys)
         outs = []
         for key, tok, code, lp in zip(keys, tokens.tolist(), codes.tolist(), lps):
             r = self.live.get(key)
             if r is None:            # aborted while the step ran
                 continue
-            r.outputs.append(tok)
             reason = FINISH_NAMES.get(code)
+            if r.grammar is not None:
+                if not r.grammar.accept(tok):
+                    if reason is None:
+                        self.sched.abort(key, FINISH_ERROR, now)
+                    outs.append(self._forget(
+                        key, "error", f"grammar: sampled token {tok} is outside the request's "
+                                      f"grammar ({r.grammar.describe()})"))
+                    continue
+                if reason is None and r.grammar.terminated:   # EOS that is not a stop id
+                    self.sched.abort(key, FINISH_STOP, now)
+                    reason = "stop"
+            r.outputs.append(tok)
             outs.append(RequestOutput(r.rid, (tok,), (lp,) if lp is not None else (),
                                       finish_reason=reason, prompt_tokens=len(r.prompt),
                                       cached_tokens=r.cached or 0))

@@ -96,7 +96,7 @@ def _check_offline(params: SamplingParams) -> None:
     error, not ignored."""
     unsupported = [name for name, off in (("presence_penalty", 0.0), ("frequency_penalty", 0.0),
                                           ("repetition_penalty", 1.0), ("logprobs", False),
-                                          ("logit_bias", ()))
+                                          ("logit_bias", ()), ("grammar", None))
                    if getattr(params, name) != off]
     if unsupported:
         raise ValueError(f"offline generation does not apply {', '.join(unsupported)}; "

@@ -7,7 +7,9 @@ the OpenAI wire format (runtime/server/ maps it onto these) or the scheduler's s
 
 Division of labour: the engine decides `length` (max_tokens), stop token ids and EOS; the
 API process detokenizes incrementally and matches stop *strings* (they can span tokens),
-then sends `Abort(rid, reason="stop")`.
+then sends `Abort(rid, reason="stop")`. A `GrammarSpec` says what the output must match
+(structured outputs, forced tool calls); the API process checks that it compiles
+(`runtime/grammar.GrammarCompiler.check`), the engine masks the logits with it.
 """
 from __future__ import annotations
 
@@ -15,6 +17,31 @@ from dataclasses import dataclass, field
 
 MAX_TOP_LOGPROBS = 20
 MAX_LOGIT_BIAS = 1024               # OpenAI: at most 1024 entries, each in [-100, 100]
+GRAMMAR_KINDS = ("json_object", "json_schema", "structural_tag", "ebnf", "regex")
+
+
+@dataclass(frozen=True, slots=True)
+class GrammarSpec:
+    """What a request's output must match; the engine masks every token outside it.
+
+    `kind`: "json_object" (any JSON object; `value` is ""), "json_schema" (`value`: the
+    schema's JSON text), "structural_tag" (`value`: an xgrammar structural tag's JSON text,
+    e.g. from `grammar.tool_call_spec`), "ebnf" (`value`: an xgrammar EBNF grammar, root rule
+    `root`) or "regex" (`value`: the pattern). Only the shape is checked here; whether the
+    value compiles is `GrammarCompiler.check`'s question."""
+    kind: str
+    value: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in GRAMMAR_KINDS:
+            raise ValueError(f"grammar: kind must be one of {', '.join(GRAMMAR_KINDS)}, "
+                             f"got {self.kind!r}")
+        if not isinstance(self.value, str):
+            raise ValueError(f"grammar: value must be a string, got {type(self.value).__name__}")
+        if self.kind == "json_object" and self.value:
+            raise ValueError("grammar: json_object takes no value")
+        if self.kind != "json_object" and not self.value.strip():
+            raise ValueError(f"grammar: {self.kind} needs a non-empty value")
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +60,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, added to its logit)
+    grammar: GrammarSpec | None = None   # the output must match it (EOS ends a match)
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -69,6 +97,14 @@ class SamplingParams:
             if tok in seen:
                 raise ValueError(f"logit_bias: token {tok} is given twice")
             seen.add(tok)
+        if self.grammar is not None:
+            if not isinstance(self.grammar, GrammarSpec):
+                raise bad("grammar", "must be a GrammarSpec or None")
+            # A finished match allows only EOS: without EOS ending the request it could not
+            # go on (every token masked), so the two cannot be combined.
+            if self.ignore_eos:
+                raise ValueError("ignore_eos: cannot be combined with grammar (a completed "
+                                 "grammar allows only EOS)")
 
 
 # ------------------------------------------------------------------ API -> engine

@@ -1,19 +1,33 @@
-"""The execution plane's batch sampler: penalties, the seeded draw and logprobs for one step.
+"""The execution plane's batch sampler: grammar masks, penalties, the seeded draw and
+logprobs for one step.
 
 What it is: per-slot sampling state held in tensors indexed by slot (a slot is the
 scheduler's row for a running request, 0..max_slots-1), set once at admission, and a
 `sample()` that works on the whole step at once: gather the rows' parameters by slot,
-apply penalties, draw with the `tscompile::sample` kernel, compute logprobs, and record the
-drawn tokens for the penalties of later steps. The only per-request Python is in `admit` and
-`release`, and in `SampleResult.token_logprobs()` (the conversion to protocol values that
-the engine does per request anyway).
+apply logit bias, grammar masks and penalties, draw with the `tscompile::sample` kernel,
+compute logprobs, and record the drawn tokens for the penalties of later steps. The only
+per-request Python is in `admit` and `release`, in `SampleResult.token_logprobs()` (the
+conversion to protocol values that the engine does per request anyway) and, in steps that
+carry constrained rows, one `GrammarMatcher.fill` per such row.
 What it is not: the scheduler (which request owns which slot), stop handling (the engine
-checks stop ids / max_tokens on the returned ids) or guided decoding.
+checks stop ids / max_tokens on the returned ids), grammar compilation or matcher state
+(runtime/grammar.py builds the matchers; the engine advances them with the sampled tokens:
+the sampler only reads them to fill the step's mask).
 
 Semantics, in the order applied (vLLM V1's):
 * Logit bias (OpenAI's `logit_bias`), added to the fp32 logits of the biased rows first;
   the rows of requests without one are untouched. Sparse: (row, token) pairs of the step's
   biased rows only, built on the host when such a row is in the step.
+* Grammar masks (structured outputs, forced tool calls), on the rows of requests admitted
+  with a matcher: each such row's `GrammarMatcher.fill` writes its allowed next tokens into
+  one row of a host int32 bitmask, and every disallowed token's logit becomes -inf
+  (xgrammar's `apply_token_bitmask_inplace`; on CUDA the bitmask goes to the device by a
+  non-blocking copy from pinned memory, which the engine's per-step host sync of the
+  sampled ids keeps from being overwritten while in flight). Ids beyond the tokenizer's
+  vocabulary are never allowed. The mask is written into an fp32 copy of the step's
+  logits, so the raw logits (and logprobs) are untouched; rows without a grammar are
+  bit-for-bit what they would be in a step without grammar rows, and a step with no
+  grammar row does no grammar work.
 * Penalties, on fp32 logits: repetition first (HF/vLLM: for tokens seen in the prompt *or*
   the output, `logit / p` if `logit > 0` else `logit * p`), then frequency and presence on
   generated tokens only (OpenAI/vLLM: `logit -= frequency * count`, then
@@ -25,10 +39,11 @@ Semantics, in the order applied (vLLM V1's):
   the offset is `step_index` (tokens this request generated so far), the seed is fixed per
   request at admission, so a seeded request gives the same tokens whatever it is batched with
   and whichever slot it holds (penalty state is per slot, so it keeps that property).
-* Logprobs are the log_softmax of the RAW model logits (before penalties, temperature and
-  filters): vLLM V1's default (`logprobs_mode="raw_logprobs"`) and what OpenAI clients expect
-  as "the model's" logprob. The chosen token's logprob is therefore the raw logprob of the
-  token the filtered distribution drew (it may be a token outside the raw top-k).
+* Logprobs are the log_softmax of the RAW model logits (before bias, grammar masks,
+  penalties, temperature and filters): vLLM V1's default (`logprobs_mode="raw_logprobs"`)
+  and what OpenAI clients expect as "the model's" logprob. The chosen token's logprob is
+  therefore the raw logprob of the token the filtered distribution drew (it may be a token
+  outside the raw top-k, or one the raw model deems unlikely but the grammar allows).
 
 Cost: with no penalised request active, no [slots, V] state exists and a step is the kernel
 call plus two small gathers; a step whose rows are all greedy is one argmax (the kernel's
@@ -36,6 +51,10 @@ own temperature-0 rule, known from the host-side slot flags without a device syn
 seen-in-prompt-or-output mask bool [max_slots, V]) is allocated when the first penalised
 request is admitted and dropped when the last one is released. Logprob work (a log_softmax
 over the step's rows and a top-k) runs only while some active request asked for logprobs.
+Grammar work (one `fill` per constrained row of the step, one fp32 copy of the logits, one
+masking pass over those rows) runs only in steps that carry a constrained row; the host
+bitmask [max_slots, ceil(V / 32)] int32 (pinned, with a device twin, on CUDA) is allocated
+at the first grammar admission and kept.
 
 Slot checks in `sample()` (range, admitted, no duplicates) run when `slots` is a CPU tensor
 (the engine builds it on the host); slots already on an accelerator are trusted, so the hot
@@ -47,11 +66,15 @@ import random
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from tscompile.kernels import direct_ops
 from tscompile.runtime.protocol import SamplingParams, TokenLogprob
+
+if TYPE_CHECKING:
+    from tscompile.runtime.grammar import GrammarMatcher
 
 _SAMPLE = direct_ops().sample    # the op's body: no custom-op wrapper cost per step
 
@@ -106,11 +129,12 @@ class SampleResult:
 class BatchSampler:
     """Per-slot sampling state and the vectorised step. See the module docstring.
 
-    `admit(slot, params, prompt_ids, output_ids=(), seed=None) -> seed` before a request's
-    first `sample()`; `release(slot)` when it leaves (finished, aborted or preempted). A
-    preempted request re-admitted later passes the tokens it already generated as
-    `output_ids` (so its penalty counts are restored) and the seed `admit` returned the first
-    time (so an unseeded request keeps its random stream)."""
+    `admit(slot, params, prompt_ids, output_ids=(), seed=None, grammar=None) -> seed` before
+    a request's first `sample()`; `release(slot)` when it leaves (finished, aborted or
+    preempted). A preempted request re-admitted later passes the tokens it already generated
+    as `output_ids` (so its penalty counts are restored), the seed `admit` returned the first
+    time (so an unseeded request keeps its random stream) and its matcher as it stands (the
+    matcher has seen exactly those tokens, so it is not re-fed)."""
 
     def __init__(self, max_slots: int, vocab_size: int, device: torch.device | str = "cpu",
                  *, rng_seed: int | None = None):
@@ -136,6 +160,9 @@ class BatchSampler:
         self._top_counts: Counter[int] = Counter()   # top_logprobs of active logprob slots
         self._counts: torch.Tensor | None = None     # [max_slots, V] int32 output counts
         self._seen: torch.Tensor | None = None       # [max_slots, V] bool prompt | output
+        self._grammar: dict[int, GrammarMatcher] = {}   # slot -> its request's matcher
+        self._bitmask: torch.Tensor | None = None    # host [max_slots, ceil(V/32)] int32
+        self._bitmask_dev: torch.Tensor | None = None   # its device copy (CUDA)
 
     # ------------------------------------------------------------------ admission
 
@@ -167,14 +194,20 @@ class BatchSampler:
 
     def admit(self, slot: int, params: SamplingParams,
               prompt_ids: Iterable[int] | torch.Tensor,
-              output_ids: Iterable[int] | torch.Tensor = (), *, seed: int | None = None) -> int:
+              output_ids: Iterable[int] | torch.Tensor = (), *, seed: int | None = None,
+              grammar: GrammarMatcher | None = None) -> int:
         """Set `slot`'s state for a new (or re-admitted) request; returns the int64 seed it
-        uses: `seed` if given, else `params.seed`, else a fresh random one."""
+        uses: `seed` if given, else `params.seed`, else a fresh random one. `grammar`: the
+        request's matcher (runtime/grammar.py), whose allowed tokens mask the slot's rows;
+        required when `params.grammar` is set."""
         self._check_slot(slot)
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         if self._params[slot] is not None:
             raise ValueError(f"slot {slot} is already admitted; release it first")
+        if (grammar is None) != (params.grammar is None):
+            raise ValueError("grammar: a request with params.grammar needs a matcher, and "
+                             "only such a request takes one")
         bad = [t for t, _ in params.logit_bias if t >= self.vocab_size]
         if bad:
             raise ValueError(f"logit_bias: token id {bad[0]} outside the vocabulary "
@@ -212,6 +245,15 @@ class BatchSampler:
         if params.logit_bias:
             self._bias[slot] = ([t for t, _ in params.logit_bias],
                                 [float(b) for _, b in params.logit_bias])
+        if grammar is not None:
+            if self._bitmask is None:
+                pin = self.device.type == "cuda"
+                shape = (self.max_slots, -(-self.vocab_size // 32))
+                self._bitmask = torch.full(shape, -1, dtype=torch.int32, pin_memory=pin)
+                if pin:
+                    self._bitmask_dev = torch.empty(shape, dtype=torch.int32,
+                                                    device=self.device)
+            self._grammar[slot] = grammar
         self._params[slot] = params
         self._active_cpu[slot] = True
         self._greedy_cpu[slot] = params.temperature == 0
@@ -227,6 +269,7 @@ class BatchSampler:
         self._int_params[slot] = 0
         self._logprob_params[slot] = -1
         self._bias.pop(slot, None)
+        self._grammar.pop(slot, None)
         if params.logprobs:
             self._top_counts[params.top_logprobs] -= 1
             if not self._top_counts[params.top_logprobs]:
@@ -289,6 +332,33 @@ class BatchSampler:
                      torch.tensor(vals, dtype=torch.float32, device=dev), accumulate=True)
         return x
 
+    def apply_grammar(self, x: torch.Tensor, logits: torch.Tensor,
+                      host_slots: list[int] | None) -> torch.Tensor:
+        """`x` (the step's logits after bias) with each constrained row's disallowed tokens at
+        -inf: an fp32 copy (`x` itself when it is already a copy of `logits`), so `logits`
+        stays raw. `x` unchanged when no row of the step has a grammar. `host_slots`: the
+        step's slots, row by row (None: no active request has a grammar)."""
+        if not host_slots:
+            return x
+        rows = [row for row, slot in enumerate(host_slots) if slot in self._grammar]
+        if not rows:
+            return x
+        from tscompile.runtime.grammar import apply_bitmask
+
+        mask = self._bitmask
+        for row in rows:
+            self._grammar[host_slots[row]].fill(mask, row)
+        n = len(host_slots)
+        if self._bitmask_dev is not None:
+            self._bitmask_dev[:n].copy_(mask[:n], non_blocking=True)
+            mask = self._bitmask_dev
+        if x.dtype != torch.float32:
+            x = x.float()
+        if x is logits:
+            x = x.clone()
+        apply_bitmask(x, mask[:n], rows)
+        return x
+
     def apply_penalties(self, logits: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """fp32 penalised copy of `logits` (rows for `slots`); the input is not modified.
         Returns `logits` itself when no active request uses a penalty."""
@@ -325,11 +395,13 @@ class BatchSampler:
         # the argmax of the penalised logits, the op's own temperature-0 rule, without the
         # filters, softmax and noise it computes for the whole [S, V] otherwise.
         greedy = slots.device.type == "cpu" and bool(self._greedy_cpu[slots.long()].all())
-        host_slots = slots.tolist() if self._bias else None
+        host_slots = slots.tolist() if self._bias or self._grammar else None
         slots = slots.to(dev, torch.int64, non_blocking=True)
         offsets = step_index.to(dev, torch.int64, non_blocking=True)
 
-        x = self.apply_penalties(self.apply_logit_bias(logits, host_slots), slots)
+        x = self.apply_logit_bias(logits, host_slots if self._bias else None)
+        x = self.apply_grammar(x, logits, host_slots if self._grammar else None)
+        x = self.apply_penalties(x, slots)
         if greedy:
             token_ids = x.argmax(dim=-1)
         else:

@@ -11,6 +11,7 @@ What it is not: the HTTP layer (runtime/server/) or the step itself (runtime/eng
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -58,6 +59,7 @@ class ServeConfig:
     served_model_name: str | None = None
     threads_per_rank: int | None = None
     shutdown_grace_s: float = 10.0       # SIGTERM: in-flight requests' time to finish
+    tool_call_parser: str | None = None  # a parsers.FAMILIES name, "none", or None: detect
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
@@ -110,7 +112,8 @@ def _rank_main(rank: int, world: int, port: int, cfg: ServeConfig, eos: tuple[in
         if rank == 0:
             engine = Engine(program, cfg.engine, vocab_size=c.vocab_size, eos_token_ids=eos,
                             max_position_embeddings=getattr(c, "max_position_embeddings", None),
-                            dtype=dtype, device=device, num_blocks=num_blocks)
+                            dtype=dtype, device=device, num_blocks=num_blocks,
+                            grammar=_grammar_compiler(cfg, c.vocab_size, eos))
             outputs.put(EngineReady(cfg.model_name, engine.max_model_len, c.vocab_size, eos,
                                     kernels=tuple(REGISTRY.selections().items())))
             _engine_loop(engine, requests, outputs, parent)
@@ -129,6 +132,23 @@ def _rank_main(rank: int, world: int, port: int, cfg: ServeConfig, eos: tuple[in
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _grammar_compiler(cfg: ServeConfig, vocab_size: int, eos: tuple[int, ...]) -> Any:
+    """The engine's grammar backend (structured outputs, forced tool calls), built from the
+    tokenizer folder for the model's vocab and EOS ids; None (those requests then get an
+    error output) when there is no tokenizer or xgrammar cannot take it."""
+    tok_dir = cfg.tokenizer or cfg.weights
+    if tok_dir is None or not (Path(tok_dir) / "tokenizer.json").is_file():
+        return None
+    try:
+        from tscompile.runtime.grammar import GrammarCompiler
+        from tscompile.tokenizer import Tokenizer
+
+        return GrammarCompiler(Tokenizer(tok_dir), vocab_size=vocab_size, stop_token_ids=eos)
+    except Exception:
+        log.exception("no grammar backend: requests with a grammar will get an error")
+        return None
 
 
 def _share_pool_size(num_blocks: int) -> int:
@@ -188,6 +208,28 @@ def _eos_ids(cfg: ServeConfig, tokenizer: Any, model_config: Any) -> tuple[int, 
     return () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
 
 
+def tool_call_family(cfg: ServeConfig, prog: Any, tokenizer: Any) -> str | None:
+    """--tool-call-parser if given ("none": no tool calls), else the family of the
+    checkpoint's model type (config.json's `model_type`, or the program's model file)."""
+    from tscompile.runtime.server.parsers import FAMILIES, family_for, make_parser
+
+    if cfg.tool_call_parser == "none":
+        return None
+    if cfg.tool_call_parser is not None:
+        if cfg.tool_call_parser not in FAMILIES:
+            raise ValueError(f"--tool-call-parser must be one of none, {', '.join(FAMILIES)}; "
+                             f"got {cfg.tool_call_parser!r}")
+        try:      # the tokenizer has the family's markup tokens
+            make_parser(cfg.tool_call_parser, tokenizer, (), tools=True, reasoning=True)
+        except ValueError as e:
+            raise ValueError(f"--tool-call-parser {cfg.tool_call_parser}: {e}") from None
+        return cfg.tool_call_parser
+    config = Path(cfg.weights or "") / "config.json"
+    model_type = json.loads(config.read_text()).get("model_type") if cfg.weights and \
+        config.is_file() else prog.manifest["model"]["module"].rsplit(".", 1)[-1]
+    return family_for(model_type, tokenizer)
+
+
 def serve(cfg: ServeConfig) -> int:
     """Start the ranks and the API; block until SIGINT/SIGTERM; shut everything down."""
     import uvicorn
@@ -204,6 +246,8 @@ def serve(cfg: ServeConfig) -> int:
         raise ValueError("tsrun needs a tokenizer: tokenizer.json in --weights or --tokenizer")
     tokenizer = Tokenizer(tok_dir)
     eos = _eos_ids(cfg, tokenizer, model_config(prog))
+    family = tool_call_family(cfg, prog, tokenizer)
+    log.info("tool calls and reasoning: %s format", family or "no")
     world = prog.world_size
     ctx = mp.get_context("spawn")
     requests, outputs = ctx.Queue(), ctx.Queue()
@@ -223,7 +267,8 @@ def serve(cfg: ServeConfig) -> int:
         log.info("engine ready: %s, max_model_len %d, %d rank(s)", ready.model,
                  ready.max_model_len, world)
         app = create_app(client, tokenizer, model_name=ready.model,
-                         max_model_len=ready.max_model_len, api_key=cfg.api_key)
+                         max_model_len=ready.max_model_len, api_key=cfg.api_key,
+                         tool_parser=family)
         # The server's SIGINT/SIGTERM handlers drain it (shutdown.py) and it returns; it
         # then re-raises the signal, which KeyboardInterrupt carries through `finally`.
         DrainingServer(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning"),

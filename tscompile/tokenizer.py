@@ -8,12 +8,19 @@ tokenizer implementation or an incremental detokenizer (the server adds that).
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import jinja2
 import jinja2.sandbox
 from tokenizers import Tokenizer as _HFTokenizer
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
 
 
 def _token_text(value: Any) -> str | None:
@@ -66,6 +73,10 @@ class Tokenizer:
             raise jinja2.exceptions.TemplateError(message)
 
         env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        # transformers' tojson: plain json.dumps (jinja2's own escapes <, > and & as
+        # \u003c..., which would change the prompt the model was trained on).
+        env.filters["tojson"] = _tojson
         return env.from_string(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "", **extra)

@@ -5,16 +5,18 @@ Routes: POST /v1/chat/completions, POST /v1/completions (streaming SSE or whole)
 
 Per request: read the body (body_limit.py: 413 over the size limit, 400 not UTF-8) ->
 validate (schemas.py, validation.py: 400 with OpenAI's error JSON naming the field; 401 bad
-API key; 404 unknown model; 503 engine down or server shutting down) -> render the chat
-template / tokenize off the event loop -> fan out n samples per prompt as engine requests
-`{id}-{choice}` (sample i gets seed+i) -> merge the choices' deltas (serving.py) into chunks
-or one body (responses.py). A client that goes away mid-request (stream or not) aborts its
-engine requests. Shutdown (`drain`, called by shutdown.py) refuses new requests, gives those
-in flight a grace period, then ends each with an error: a response is never cut off
-silently.
+API key; 404 unknown model; 503 engine down or server shutting down) -> the chat pipeline
+every chat-shaped API shares (`chat_generation`: chat.py checks the turn's tools, renders the
+chat template with them off the event loop and compiles the grammar of `response_format` /
+a forced tool call; the model family's parser reads reasoning and tool calls back out of
+the token ids) -> fan out n samples per prompt as engine requests `{id}-{choice}` (sample i
+gets seed+i) -> merge the choices' deltas (serving.py) into chunks or one body
+(responses.py). A client that goes away mid-request (stream or not) aborts its engine
+requests. Shutdown (`drain`, called by shutdown.py) refuses new requests, gives those in
+flight a grace period, then ends each with an error: a response is never cut off silently.
 
-What it is not: the engine, the CLI that wires the processes together, tool-call or
-reasoning parsing (not yet).
+What it is not: the engine, the CLI that wires the processes together, a model family's
+output format (parsers/).
 """
 from __future__ import annotations
 
@@ -24,24 +26,29 @@ import dataclasses
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-import jinja2
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from tscompile.runtime.protocol import AddRequest, SamplingParams
+from tscompile.runtime.grammar import GrammarCompiler
+from tscompile.runtime.protocol import AddRequest, GrammarSpec, SamplingParams
+from tscompile.runtime.server import chat
 from tscompile.runtime.server import responses as R
 from tscompile.runtime.server import validation as V
+from tscompile.runtime.server.chat import ChatTurn
 from tscompile.runtime.server.body_limit import MAX_BODY_BYTES, BodyLimit
 from tscompile.runtime.server.detokenizer import TokenTable
 from tscompile.runtime.server.engine_client import EngineClient
 from tscompile.runtime.server.errors import (APIError, from_value_error,
                                              install_error_handlers, short)
 from tscompile.runtime.server.metrics import Metrics
+from tscompile.runtime.server.parsers import FAMILIES, make_parser
+from tscompile.runtime.server.parsers.base import OutputParser
 from tscompile.runtime.server.schemas import (MAX_N, ChatCompletionRequest, CompletionRequest,
                                               SamplingFields)
 from tscompile.runtime.server.serving import ChoiceSpec, Generation
@@ -52,12 +59,15 @@ SHUTTING_DOWN = "server is shutting down"
 def create_app(client: EngineClient, tokenizer: Any, *, model_name: str, max_model_len: int,
                api_key: str | None = None, max_n: int = 8,
                session_id_header: str = "x-session-id",
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES,
+               tool_parser: str | None = None) -> FastAPI:
     """`session_id_header`: the request header carrying the session id (it wins over the
-    body's `user`); the engine keeps a session's prefix cached between turns."""
+    body's `user`); the engine keeps a session's prefix cached between turns.
+    `tool_parser`: the model family whose tool-call and reasoning format the output is
+    parsed with (parsers.FAMILIES; None: no tool calls)."""
     server = OpenAIServer(client, tokenizer, model_name=model_name,
                           max_model_len=max_model_len, max_n=max_n,
-                          session_header=session_id_header)
+                          session_header=session_id_header, tool_parser=tool_parser)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -73,11 +83,13 @@ def create_app(client: EngineClient, tokenizer: Any, *, model_name: str, max_mod
     install_error_handlers(app)
 
     def check_api_key(request: Request) -> None:
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), api_key):
-            raise APIError(401, "invalid API key: send it as 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
+        """`Authorization: Bearer KEY` (OpenAI) or `x-api-key: KEY` (Anthropic)."""
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = token.strip() if scheme.lower() == "bearer" else \
+            request.headers.get("x-api-key", "")
+        if not secrets.compare_digest(given.encode(), api_key.encode()):
+            raise APIError(401, "invalid API key: send it as 'Authorization: Bearer <key>' "
+                                "or 'x-api-key: <key>'", code="invalid_api_key")
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)] if api_key else [])
     v1.add_api_route("/chat/completions", server.chat, methods=["POST"])
@@ -91,7 +103,8 @@ def create_app(client: EngineClient, tokenizer: Any, *, model_name: str, max_mod
 
 class OpenAIServer:
     def __init__(self, client: EngineClient, tokenizer: Any, *, model_name: str,
-                 max_model_len: int, max_n: int, session_header: str):
+                 max_model_len: int, max_n: int, session_header: str,
+                 tool_parser: str | None = None):
         if max_model_len < 2:
             raise ValueError(f"max_model_len: must be >= 2, got {max_model_len}")
         if not 1 <= max_n <= MAX_N:
@@ -103,6 +116,11 @@ class OpenAIServer:
         self.max_model_len = max_model_len
         self.max_n = max_n
         self.session_header = session_header
+        if tool_parser is not None and tool_parser not in FAMILIES:
+            raise ValueError(f"tool_parser: must be one of {', '.join(FAMILIES)}, "
+                             f"got {tool_parser!r}")
+        self.family = tool_parser
+        self._grammars: GrammarCompiler | None = None
         self.metrics = Metrics(client)
         self.created = int(time.time())
         self.draining = False
@@ -154,18 +172,63 @@ class OpenAIServer:
         max_tokens = getattr(body, max_field)
         params = self._params(body, max_tokens, logprobs=body.logprobs,
                               top_logprobs=body.top_logprobs or 0)
-        messages = V.template_messages(body.messages)
-        prompt_ids = await run_in_threadpool(self._render_chat, messages)
+        fmt = body.response_format
+        if body.tool_choice not in (None, "none") and not body.tools:
+            raise APIError(400, "tool_choice: only allowed when tools are given",
+                           param="tool_choice")
+        turn = ChatTurn(
+            V.template_messages(body.messages),
+            tools=[t.model_dump(exclude_none=True) for t in body.tools or ()],
+            tool_choice=(body.tool_choice.model_dump() if isinstance(body.tool_choice, BaseModel)
+                         else body.tool_choice or ("auto" if body.tools else "none")),
+            parallel_tool_calls=body.parallel_tool_calls,
+            json_schema=fmt.json_schema.schema_ if fmt and fmt.json_schema else None,
+            json_object=bool(fmt and fmt.type == "json_object"),
+            template_kwargs=body.chat_template_kwargs or {})
         meta = R.ResponseMeta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()),
                               self.model_name, params.top_logprobs)
-        specs = self._specs(meta.id, body, params, [prompt_ids], max_tokens, max_field,
-                            "messages", request, arrival)
-        gen = Generation(self.client, self.tokenizer, self.metrics, specs)
+        session = V.session_id(self.session_header, request.headers.get(self.session_header),
+                               body.user)
+        gen = await self.chat_generation(
+            meta.id, turn, params, n=body.n, seed=body.seed, stops=body.stops,
+            max_tokens=max_tokens, max_field=max_field, session=session, arrival=arrival,
+            fields=lambda f: "function.parameters" if f == "parameters" else f)
         if body.stream:
-            return self._streaming(self._chat_stream(gen, meta, len(specs), body))
-        choices = await self._collect(gen, request, len(specs))
+            return self._streaming(self._chat_stream(gen, meta, body.n, body))
+        choices = await self._collect(gen, request, body.n)
         return R.chat_body(meta, self.token_table, choices, gen.usage().as_dict(),
                            body.logprobs)
+
+    async def chat_generation(self, rid: str, turn: ChatTurn, params: SamplingParams, *,
+                              n: int, seed: int | None, stops: tuple[str, ...],
+                              max_tokens: int | None, max_field: str, session: str | None,
+                              arrival: float,
+                              fields: Callable[[str], str] = lambda f: f) -> Generation:
+        """The request pipeline every chat-shaped API shares (OpenAI chat, Anthropic
+        Messages, OpenAI Responses): check the turn, render it, compile its grammar, and
+        fan it out into `n` engine requests whose output the family's parser reads.
+        `fields` renames fields in error messages to the calling API's names."""
+        chat.check_turn(turn, fields=fields)
+        if turn.parse_tools and self.family is None:
+            raise APIError(400, f"{fields('tools')}: this server reads no tool calls for this "
+                                f"model (start tsrun with --tool-call-parser)",
+                           param=fields("tools"))
+        prompt_ids = await run_in_threadpool(self._render_chat, turn)
+        spec = chat.grammar_for(turn, self.family)
+        if spec is not None:
+            await run_in_threadpool(self._check_grammar, spec, turn, fields)
+            params = dataclasses.replace(params, grammar=spec)
+        schemas = turn.tool_schemas()
+        family, tools = self.family, turn.parse_tools
+
+        def parser(ids: Sequence[int]) -> OutputParser:
+            return make_parser(family, self.tokenizer, ids, tools=tools, reasoning=True,
+                               tool_schemas=schemas)
+        specs = self._specs(rid, params, [prompt_ids], n=n, seed=seed, stops=stops,
+                            max_tokens=max_tokens, max_field=max_field,
+                            prompt_field=fields("messages"), session=session,
+                            arrival=arrival, parser=parser)
+        return Generation(self.client, self.tokenizer, self.metrics, specs)
 
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
         arrival = time.monotonic()
@@ -176,8 +239,12 @@ class OpenAIServer:
         prompts = await run_in_threadpool(self._tokenize_prompts, body.prompt)
         meta = R.ResponseMeta(f"cmpl-{uuid.uuid4().hex}", int(time.time()), self.model_name,
                               params.top_logprobs)
-        specs = self._specs(meta.id, body, params, prompts, body.max_tokens, "max_tokens",
-                            "prompt", request, arrival)
+        session = V.session_id(self.session_header, request.headers.get(self.session_header),
+                               body.user)
+        specs = self._specs(meta.id, params, prompts, n=body.n, seed=body.seed,
+                            stops=body.stops, max_tokens=body.max_tokens,
+                            max_field="max_tokens", prompt_field="prompt", session=session,
+                            arrival=arrival)
         gen = Generation(self.client, self.tokenizer, self.metrics, specs)
         if body.stream:
             return self._streaming(self._completion_stream(gen, meta, body, want_lp))
@@ -188,11 +255,18 @@ class OpenAIServer:
     # ------------------------------------------------------------------ validation
 
     def _check_common(self, body: SamplingFields) -> None:
-        if body.model is not None and body.model != self.model_name:
-            raise APIError(404, f"model: {short(body.model)} does not exist; this server "
+        self.check_model(body.model)
+        V.check_sampling(body, vocab_size=self.vocab_size, max_n=self.max_n)
+        self.check_ready()
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"model: {short(model)} does not exist; this server "
                                 f"serves {self.model_name!r} (see /v1/models)",
                            param="model", code="model_not_found")
-        V.check_sampling(body, vocab_size=self.vocab_size, max_n=self.max_n)
+
+    def check_ready(self) -> None:
+        """503 while shutting down or while the engine is not serving."""
         if self.draining:
             raise APIError(503, SHUTTING_DOWN, type="server_error", code=503)
         if not self.client.healthy:
@@ -220,13 +294,23 @@ class OpenAIServer:
         except ValueError as e:
             raise from_value_error(e) from None
 
-    def _render_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    def _render_chat(self, turn: ChatTurn) -> list[int]:
+        return self.tokenizer.encode(chat.render(self.tokenizer, turn, self.family))
+
+    def _check_grammar(self, spec: GrammarSpec, turn: ChatTurn,
+                       fields: Callable[[str], str]) -> None:
+        """The grammar compiles for this vocabulary (xgrammar's compiler, cached), or a 400
+        naming the field it came from."""
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, vocab_size=self.vocab_size,
+                                             stop_token_ids=self.tokenizer.eos_token_ids)
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        except (jinja2.TemplateError, ValueError, TypeError) as e:
-            raise APIError(400, f"messages: the chat template rejected them: {e}",
-                           param="messages") from None
-        return self.tokenizer.encode(text)
+            self._grammars.check(spec)
+        except ValueError as e:
+            field = fields("response_format") if spec.kind.startswith("json") \
+                else fields("tools")
+            raise APIError(400, f"{field}: cannot be compiled into a grammar: {e}",
+                           param=field) from None
 
     def _tokenize_prompts(self, prompt: str | list[Any]) -> list[list[int]]:
         if isinstance(prompt, str):
@@ -246,12 +330,11 @@ class OpenAIServer:
             out.append(ids)
         return out
 
-    def _specs(self, rid: str, body: SamplingFields, params: SamplingParams,
-               prompts: Sequence[list[int]], max_tokens: int | None, max_field: str,
-               prompt_field: str, request: Request, arrival: float) -> list[ChoiceSpec]:
-        session = V.session_id(self.session_header, request.headers.get(self.session_header),
-                               body.user)
-        stops = body.stops
+    def _specs(self, rid: str, params: SamplingParams, prompts: Sequence[list[int]], *,
+               n: int, seed: int | None, stops: tuple[str, ...], max_tokens: int | None,
+               max_field: str, prompt_field: str, session: str | None, arrival: float,
+               parser: Callable[[Sequence[int]], OutputParser] | None = None
+               ) -> list[ChoiceSpec]:
         specs = []
         for p, ids in enumerate(prompts):
             if not ids:
@@ -263,13 +346,14 @@ class OpenAIServer:
                 raise self._too_long(len(ids), None, prompt_field)
             p_params = dataclasses.replace(
                 params, max_tokens=room if max_tokens is None else max_tokens)
-            for i in range(body.n):
-                seed = None if body.seed is None else body.seed + i
-                index = p * body.n + i
+            for i in range(n):
+                index = p * n + i
                 specs.append(ChoiceSpec(
                     index, p, AddRequest(f"{rid}-{index}", tuple(ids),
-                                         dataclasses.replace(p_params, seed=seed),
-                                         session_id=session, arrival=arrival), stops))
+                                         dataclasses.replace(
+                                             p_params, seed=None if seed is None else seed + i),
+                                         session_id=session, arrival=arrival),
+                    stops, parser))
         return specs
 
     def _too_long(self, n_prompt: int, n_out: int | None, param: str) -> APIError:
@@ -338,8 +422,7 @@ class OpenAIServer:
         def chunk(d: Any) -> dict[str, Any]:
             lp = (R.chat_logprobs(self.token_table, d.logprobs, meta.top_logprobs)
                   if body.logprobs and d.logprobs else None)
-            delta = {"content": d.text} if d.text or not d.finish_reason else {}
-            return R.chat_chunk(meta, d.index, delta, logprobs=lp,
+            return R.chat_chunk(meta, d.index, R.chat_delta(d), logprobs=lp,
                                 finish_reason=d.finish_reason, include_usage=usage)
         head = [R.chat_chunk(meta, i, {"role": "assistant", "content": ""},
                              include_usage=usage) for i in range(n)]
@@ -369,7 +452,7 @@ class OpenAIServer:
                     yield R.sse(d.body())
                     yield R.DONE
                     return
-                if d.text or d.logprobs or d.finish_reason:
+                if d.text or d.logprobs or d.finish_reason or d.reasoning or d.tool_calls:
                     yield R.sse(chunk(d))
         if usage:
             yield R.sse(R.usage_chunk(meta, kind, gen.usage().as_dict()))

@@ -1,8 +1,13 @@
-"""One choice of an OpenAI request: engine `RequestOutput`s in, text deltas out.
+"""One choice of a request: engine `RequestOutput`s in, content / reasoning / tool-call
+deltas out.
 
-What it is: per-choice state (incremental detokenizer, stop matcher, token count, usage)
-turning each RequestOutput into a `ChoiceDelta` the routes format as chunks or accumulate.
-What it is not: the wire format (openai_api.py) or the fan-out over n choices (serving.py).
+What it is: per-choice state (the output parser, which detokenizes and splits reasoning and
+tool calls off by token id; the stop matcher; token count; usage) turning each
+RequestOutput into a `ChoiceDelta` the routes format as chunks or accumulate. Stop strings
+are matched on the content only (never inside reasoning or a tool call's arguments). A
+choice that made tool calls and ended on a stop token finishes with "tool_calls".
+What it is not: the wire format (openai_api.py, anthropic_api.py, responses_api.py) or the
+fan-out over n choices (serving.py).
 
 Order inside one RequestOutput: tokens are taken one at a time, so a stop string that
 completes at token j drops tokens j+1.. of the same step (they are not counted either);
@@ -15,7 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tscompile.runtime.protocol import RequestOutput, TokenLogprob
-from tscompile.runtime.server.detokenizer import IncrementalDetokenizer, StopMatcher
+from tscompile.runtime.server.detokenizer import StopMatcher
+from tscompile.runtime.server.parsers.base import (OutputParser, ParsedDelta, PlainParser,
+                                                   ToolCall, ToolCallDelta)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,19 +42,23 @@ class ChoiceUsage:
 @dataclass(slots=True)
 class ChoiceDelta:
     index: int
-    text: str = ""
+    text: str = ""                     # content
     logprobs: list[TokenLogprobAt] = field(default_factory=list)
-    finish_reason: str | None = None   # "stop" | "length" | "abort" | "error"
+    reasoning: str = ""
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
+    finish_reason: str | None = None   # "stop" | "length" | "tool_calls" | "abort" | "error"
     error: str | None = None
     usage: ChoiceUsage | None = None   # set on the finishing delta
+    stop_string: str | None = None     # the stop string that ended it (finishing delta)
 
 
 class ChoiceProcessor:
     def __init__(self, index: int, tokenizer: Any, prompt_ids: Sequence[int],
-                 stops: Sequence[str] = (), *, want_logprobs: bool = False):
+                 stops: Sequence[str] = (), *, want_logprobs: bool = False,
+                 parser: OutputParser | None = None):
         self.index = index
         self.prompt_tokens = len(prompt_ids)
-        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids)
+        self.parser = parser or PlainParser(tokenizer, prompt_ids)
         self.stop = StopMatcher(stops)
         self.want_logprobs = want_logprobs
         self.completion_tokens = 0
@@ -71,19 +82,31 @@ class ChoiceProcessor:
             self.completion_tokens += 1
             if j < len(lps):
                 delta.logprobs.append(TokenLogprobAt(lps[j], offset))
-            if self.stop.feed(self.detok.add(token_id)):
-                self.stopped_by_string = True
+            if self._take(delta, self.parser.feed(token_id)):
                 self.finish_reason = "stop"
                 break
         if self.finish_reason is None and out.finish_reason is not None:
-            if self.stop.feed(self.detok.flush()):
-                self.stopped_by_string = True
+            self._take(delta, self.parser.finish())
             self.finish_reason = "stop" if self.stopped_by_string else out.finish_reason
+            if self.finish_reason == "stop" and self.parser.calls():
+                self.finish_reason = "tool_calls"
         delta.finish_reason = self.finish_reason
         delta.text = self.stop.take(final=self.finish_reason is not None)
         if self.finish_reason is not None:
             delta.usage = self.usage()
+            delta.stop_string = self.stop.matched
         return delta
+
+    def _take(self, delta: ChoiceDelta, parsed: ParsedDelta) -> bool:
+        """Add one token's parsed pieces; True once a stop string matched the content."""
+        delta.reasoning += parsed.reasoning
+        delta.tool_calls.extend(parsed.tool_calls)
+        if parsed.content and self.stop.feed(parsed.content):
+            self.stopped_by_string = True
+        return self.stopped_by_string
+
+    def calls(self) -> list[ToolCall]:
+        return self.parser.calls()
 
     def usage(self) -> ChoiceUsage:
         return ChoiceUsage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)

@@ -5,8 +5,8 @@ What it is: field names, JSON types, defaults and the bounds OpenAI documents fo
 strict (`"temperature": "hot"` or `"max_tokens": 1.5` is a 400, not a silent coercion),
 numbers finite (`NaN`, `Infinity`: 400) and strings valid Unicode (a JSON `"\\ud800"`
 escape: 400). `null` means the default, as in OpenAI's spec. A field tsrun does not know is a
-400 naming it, and so is an OpenAI field it does not implement (`UNSUPPORTED`: `tools`,
-`response_format`...) unless the value is the one that changes nothing
+400 naming it, and so is an OpenAI field it does not implement (`UNSUPPORTED`: `audio`,
+`functions`...) unless the value is the one that changes nothing
 (`null`, `[]`, `"none"`...): a client never gets a parameter silently ignored. What it is
 not: the checks that need the model or the server (vocabulary, context length, --max-n,
 message roles), in validation.py.
@@ -24,6 +24,8 @@ message roles), in validation.py.
     logit_bias            <= 1024     OpenAI (values -100..100; keys token ids as strings)
     user                  <= 256      ours: the engine keeps a session id while its prefix
                                       is pinned
+    tools                 <= 128      OpenAI
+    tool / schema name    [A-Za-z0-9_.-]{1,64}  OpenAI (plus dots)
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 1024
 MAX_STOP_TOKEN_IDS = 256
 MAX_SESSION_ID_CHARS = 256
+MAX_TOOLS = 128
 INT64 = (-(1 << 63), (1 << 63) - 1)
 
 
@@ -66,9 +69,11 @@ Stop = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)
 SessionId = Annotated[str, StringConstraints(max_length=MAX_SESSION_ID_CHARS),
                       AfterValidator(_valid_unicode)]
 Penalty = Annotated[float, Field(ge=-2, le=2)]
+# OpenAI: "a-z, A-Z, 0-9, or contain underscores and dashes, with a maximum length of 64"
+# (dots too, which MCP tool names use).
+ToolName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
 
-_TOOLS = "tool calling is not implemented yet"
-_FORMAT = "structured outputs are not implemented yet"
+_FUNCTIONS = "the deprecated functions API; use tools"
 _AUDIO = "tsrun serves text models"
 _STORE = "tsrun stores nothing"
 
@@ -83,12 +88,8 @@ UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "store": ((False,), _STORE),
     "metadata": (({},), _STORE),
     # chat
-    "tools": (([],), _TOOLS),
-    "tool_choice": (("none",), _TOOLS),
-    "parallel_tool_calls": ((), _TOOLS),
-    "functions": (([],), _TOOLS),
-    "function_call": (("none",), _TOOLS),
-    "response_format": (({"type": "text"},), _FORMAT),
+    "functions": (([],), _FUNCTIONS),
+    "function_call": (("none",), _FUNCTIONS),
     "audio": ((), _AUDIO),
     "modalities": ((["text"],), _AUDIO),
     "prediction": ((), "predicted outputs are not implemented"),
@@ -100,8 +101,6 @@ UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "echo": ((False,), "the prompt is not returned"),
     "suffix": ((), "no fill-in-the-middle"),
     # chat messages
-    "tool_calls": (([],), _TOOLS),
-    "tool_call_id": ((), _TOOLS),
     "refusal": ((), "assistant refusals are not rendered"),
     # stream_options
     "include_obfuscation": ((False,), "streams are not padded"),
@@ -173,23 +172,84 @@ class ContentPart(BaseModel):
     text: Text | None = None
 
 
+class ToolCallFunction(_Body):
+    name: NonEmpty
+    arguments: Text                      # JSON text, as OpenAI sends it
+
+
+class MessageToolCall(_Body):
+    """A tool call of an earlier assistant turn, as the client sends it back."""
+    id: NonEmpty
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_Body):
-    _unsupported = ("tool_calls", "tool_call_id", "function_call", "audio", "refusal")
-    # "tool" and "function" are OpenAI's too: validation.py says they are not supported.
+    _unsupported = ("function_call", "audio", "refusal")
+    # "function" (the deprecated functions API): validation.py says it is not supported.
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: Text | list[ContentPart] | None = None
     name: Text | None = None             # handed to the chat template
+    tool_calls: list[MessageToolCall] | None = None      # assistant
+    tool_call_id: Text | None = None                     # tool
+    # An assistant turn's reasoning, re-rendered by templates that keep it (vLLM's names).
+    reasoning_content: Text | None = None
+    reasoning: Text | None = None
+
+
+class FunctionDefinition(_Body):
+    name: ToolName
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None     # JSON Schema; validation.py checks it
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(_Body):
+    name: NonEmpty
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: ToolChoiceFunction
+
+
+class JSONSchemaFormat(_Body):
+    name: ToolName
+    description: Text | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema: required when type is 'json_schema' and only then")
+        return self
 
 
 class ChatCompletionRequest(SamplingFields):
     _unsupported = SamplingFields._unsupported + (
-        "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call",
-        "response_format", "audio", "modalities", "prediction", "reasoning_effort",
-        "verbosity", "web_search_options")
+        "functions", "function_call", "audio", "modalities", "prediction",
+        "reasoning_effort", "verbosity", "web_search_options")
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Int | None = Field(None, ge=1)   # max_tokens' newer name; wins
     logprobs: bool = False
     top_logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
+    # vLLM's extension: extra variables for the chat template (e.g. enable_thinking).
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class CompletionRequest(SamplingFields):

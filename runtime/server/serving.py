@@ -5,7 +5,7 @@ What it is: `Generation` runs one task per choice (prompt p, sample i -> engine 
 observing latency metrics, and `stream()` merges them in arrival order. Leaving `stream()`
 early (client gone, error, cancellation) cancels the tasks, and each task's engine request
 is aborted by EngineClient.generate's cleanup. What it is not: validation or the wire
-format (openai_api.py, responses.py).
+format (openai_api.py, anthropic_api.py, responses_api.py, responses.py).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,7 @@ from tscompile.runtime.protocol import AddRequest
 from tscompile.runtime.server.engine_client import EngineClient
 from tscompile.runtime.server.metrics import Metrics
 from tscompile.runtime.server.output import ChoiceDelta, ChoiceProcessor, ChoiceUsage
+from tscompile.runtime.server.parsers.base import OutputParser
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ class ChoiceSpec:
     prompt_index: int           # which prompt of a batch (completions); 0 for chat
     request: AddRequest
     stops: tuple[str, ...] = ()
+    # Makes the choice's output parser from its prompt ids (None: all tokens are content).
+    parser: Callable[[Sequence[int]], OutputParser] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +90,8 @@ class Generation:
     async def _run(self, spec: ChoiceSpec, queue: asyncio.Queue[ChoiceDelta]) -> None:
         req = spec.request
         proc = ChoiceProcessor(spec.index, self.tokenizer, req.prompt_ids, spec.stops,
-                               want_logprobs=req.params.logprobs)
+                               want_logprobs=req.params.logprobs,
+                               parser=spec.parser(req.prompt_ids) if spec.parser else None)
         m = self.metrics
         last: float | None = None
         try:

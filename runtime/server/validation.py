@@ -1,7 +1,8 @@
 """The checks of a request body that need the model or the server, beyond its types and
 OpenAI's static bounds (schemas.py): `n` within the server's max_n, token ids inside the
 vocabulary (stop ids, logit_bias keys), `top_k` at most the vocabulary, `stream_options` only with `stream`, the session
-header's length, and chat messages without tool roles and with text content parts only. Each
+header's length, and chat messages: text content parts only, tool calls on assistant
+turns and tool call ids on tool turns only. Each
 failure is a 400 whose message starts with the field. What it is not: the context-length
 check (openai_api.py: it needs the prompt's tokens).
 """
@@ -14,7 +15,6 @@ from tscompile.runtime.server.errors import APIError, short
 from tscompile.runtime.server.schemas import (MAX_SESSION_ID_CHARS, ChatMessage, ContentPart,
                                               SamplingFields)
 
-TOOL_ROLES = ("tool", "function")
 # OpenAI's content-part types; tsrun renders only text.
 UNSUPPORTED_PARTS = ("image_url", "input_audio", "file", "refusal")
 
@@ -50,21 +50,46 @@ def session_id(header_name: str, header: str | None, user: str | None) -> str | 
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """The dicts a chat template expects: no tool roles (`developer` is OpenAI's new
-    name for `system`), content as text (text parts joined by newlines)."""
+    """The dicts a chat template expects (`developer` is OpenAI's new name for `system`),
+    content as text (text parts joined by newlines); an assistant turn keeps its
+    `tool_calls` and reasoning, a tool turn its `tool_call_id`."""
     out = []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
-        if m.role in TOOL_ROLES:
-            raise APIError(400, f"{where}.role: {m.role!r} is not supported by this server "
-                                f"(tool calling is not implemented yet)", param="messages")
-        if m.content is None:
+        if m.role == "function":
+            raise APIError(400, f"{where}.role: 'function' (the deprecated functions API) is "
+                                f"not supported; use tools and the 'tool' role",
+                           param="messages")
+        if m.tool_calls and m.role != "assistant":
+            raise APIError(400, f"{where}.tool_calls: only assistant messages carry tool "
+                                f"calls", param="messages")
+        if m.tool_call_id is not None and m.role != "tool":
+            raise APIError(400, f"{where}.tool_call_id: only tool messages carry one",
+                           param="messages")
+        if m.role == "tool" and m.tool_call_id is None:
+            raise APIError(400, f"{where}.tool_call_id: required in a tool message",
+                           param="messages")
+        reasoning = m.reasoning_content if m.reasoning_content is not None else m.reasoning
+        if reasoning is not None and m.role != "assistant":
+            raise APIError(400, f"{where}.reasoning_content: only assistant messages carry "
+                                f"reasoning", param="messages")
+        if m.content is None and not (m.role == "assistant" and m.tool_calls):
             raise APIError(400, f"{where}.content: required", param="messages")
-        msg = {"role": "system" if m.role == "developer" else m.role,
-               "content": m.content if isinstance(m.content, str)
-               else _joined_text(m.content, where)}
+        content = "" if m.content is None else m.content if isinstance(m.content, str) \
+            else _joined_text(m.content, where)
+        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
+                               "content": content}
         if m.name is not None:
             msg["name"] = m.name
+        if m.tool_calls:
+            msg["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.function.name,
+                                               "arguments": c.function.arguments}}
+                                 for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
+        if reasoning is not None:
+            msg["reasoning_content"] = reasoning
         out.append(msg)
     return out
 
