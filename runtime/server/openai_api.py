@@ -1,7 +1,9 @@
-"""tsrun's HTTP front: an OpenAI-compatible FastAPI app over an `EngineClient`.
+"""tsrun's HTTP front: an OpenAI-compatible FastAPI app over an `EngineClient`, with the
+Anthropic Messages (anthropic_api.py) and OpenAI Responses (responses_api.py) routes beside.
 
-Routes: POST /v1/chat/completions, POST /v1/completions (streaming SSE or whole), GET
-/v1/models, GET /health (503 while the engine is not ready or dead), GET /metrics.
+Routes: POST /v1/chat/completions, POST /v1/completions (streaming SSE or whole), POST
+/v1/messages (+ /count_tokens), POST /v1/responses (+ GET/DELETE by id), GET /v1/models, GET
+/health (503 while the engine is not ready or dead), GET /metrics.
 
 Per request: read the body (body_limit.py: 413 over the size limit, 400 not UTF-8) ->
 validate (schemas.py, validation.py: 400 with OpenAI's error JSON naming the field; 401 bad
@@ -37,7 +39,7 @@ from starlette.concurrency import run_in_threadpool
 
 from tscompile.runtime.grammar import GrammarCompiler
 from tscompile.runtime.protocol import AddRequest, GrammarSpec, SamplingParams
-from tscompile.runtime.server import chat
+from tscompile.runtime.server import anthropic_api, chat, responses_api
 from tscompile.runtime.server import responses as R
 from tscompile.runtime.server import validation as V
 from tscompile.runtime.server.chat import ChatTurn
@@ -95,6 +97,8 @@ def create_app(client: EngineClient, tokenizer: Any, *, model_name: str, max_mod
     v1.add_api_route("/chat/completions", server.chat, methods=["POST"])
     v1.add_api_route("/completions", server.completions, methods=["POST"])
     v1.add_api_route("/models", server.models, methods=["GET"])
+    anthropic_api.add_routes(v1, server)
+    responses_api.add_routes(v1, server)
     app.include_router(v1)
     app.add_api_route("/health", server.health, methods=["GET"])
     app.add_api_route("/metrics", server.metrics_endpoint, methods=["GET"])

@@ -163,3 +163,104 @@ def test_bad_tool_input_is_a_400_and_the_server_keeps_serving(live):
         assert field in r.json()["error"]["message"], r.json()
     ok = live.client.chat.completions.create(model=live.model, messages=ASK, max_tokens=4)
     assert ok.choices[0].finish_reason in ("stop", "length")
+
+
+# ---------------------------------------------------------------- Anthropic Messages
+
+ANTHROPIC_TOOLS = [{"name": t["function"]["name"], "description": t["function"]["description"],
+                    "input_schema": t["function"]["parameters"]} for t in TOOLS]
+
+
+GREEDY = {"temperature": 0}     # the anthropic client no longer takes it as an argument
+
+
+def _anthropic(live):
+    import anthropic
+    return anthropic.Anthropic(base_url=live.url, api_key="none", max_retries=0, timeout=120)
+
+
+def test_anthropic_forced_tool_use_whole_and_streamed(live):
+    client = _anthropic(live)
+    kw = dict(model=live.model, max_tokens=MAX_TOKENS, messages=ASK, tools=ANTHROPIC_TOOLS,
+              tool_choice={"type": "tool", "name": "get_weather"}, extra_body=GREEDY)
+    whole = client.messages.create(**kw)
+    assert whole.stop_reason == "tool_use", whole
+    use = [b for b in whole.content if b.type == "tool_use"]
+    assert use and use[0].name == "get_weather" and use[0].id
+    jsonschema.validate(use[0].input, WEATHER)
+
+    events = []
+    with client.messages.stream(**kw) as stream:
+        for event in stream:
+            events.append(event.type)
+        final = stream.get_final_message()
+    assert events[0] == "message_start" and events[-1] == "message_stop"
+    assert events[-2] == "message_delta", events
+    assert "content_block_delta" in events, events
+    starts = events.count("content_block_start")
+    assert starts == events.count("content_block_stop") and starts >= 1
+    assert [(b.name, b.input) for b in final.content if b.type == "tool_use"] == \
+        [(b.name, b.input) for b in use]
+    assert final.stop_reason == "tool_use"
+
+
+def test_three_turn_tool_loop_anthropic(live):
+    client = _anthropic(live)
+    meta = {"user_id": f"s-{uuid.uuid4().hex}"}
+    messages: list[dict] = [{"role": "user", "content": ASK[0]["content"]}]
+    r1 = client.messages.create(model=live.model, max_tokens=MAX_TOKENS, messages=messages,
+                                tools=ANTHROPIC_TOOLS, tool_choice={"type": "any"},
+                                extra_body=GREEDY, metadata=meta)
+    use = next(b for b in r1.content if b.type == "tool_use")
+    jsonschema.validate(use.input, SCHEMAS[use.name])
+    messages += [{"role": "assistant", "content": [b.model_dump(exclude_none=True)
+                                                    for b in r1.content]},
+                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
+                                               "content": "18 degrees, cloudy"}]}]
+    r2 = client.messages.create(model=live.model, max_tokens=24, messages=messages,
+                                tools=ANTHROPIC_TOOLS, extra_body=GREEDY, metadata=meta)
+    assert r2.stop_reason in ("end_turn", "max_tokens", "tool_use")
+    assert r2.usage.cache_read_input_tokens > 0, r2.usage
+    messages += [{"role": "assistant", "content": [b.model_dump(exclude_none=True)
+                                                    for b in r2.content] or "ok"},
+                 {"role": "user", "content": "And the time there?"}]
+    r3 = client.messages.create(model=live.model, max_tokens=MAX_TOKENS, messages=messages,
+                                tools=ANTHROPIC_TOOLS,
+                                tool_choice={"type": "tool", "name": "get_time"},
+                                extra_body=GREEDY, metadata=meta)
+    use3 = next(b for b in r3.content if b.type == "tool_use")
+    assert use3.name == "get_time"
+    jsonschema.validate(use3.input, TIME)
+    assert r3.usage.cache_read_input_tokens > r2.usage.cache_read_input_tokens
+
+
+# ---------------------------------------------------------------- OpenAI Responses
+
+RESPONSES_TOOLS = [{"type": "function", "name": t["function"]["name"],
+                    "description": t["function"]["description"],
+                    "parameters": t["function"]["parameters"]} for t in TOOLS]
+
+
+def test_three_turn_tool_loop_responses(live):
+    session = f"s-{uuid.uuid4().hex}"
+    r1 = live.client.responses.create(
+        model=live.model, input=ASK[0]["content"], tools=RESPONSES_TOOLS,
+        tool_choice="required", temperature=0, max_output_tokens=MAX_TOKENS, user=session)
+    call = next(i for i in r1.output if i.type == "function_call")
+    _check_call(call.name, call.arguments)
+    r2 = live.client.responses.create(
+        model=live.model, previous_response_id=r1.id, tools=RESPONSES_TOOLS, temperature=0,
+        max_output_tokens=24, user=session,
+        input=[{"type": "function_call_output", "call_id": call.call_id,
+                "output": "18 degrees, cloudy"}])
+    assert r2.status in ("completed", "incomplete")
+    assert r2.usage.input_tokens_details.cached_tokens > 0, r2.usage
+    r3 = live.client.responses.create(
+        model=live.model, previous_response_id=r2.id, tools=RESPONSES_TOOLS, temperature=0,
+        max_output_tokens=MAX_TOKENS, user=session,
+        tool_choice={"type": "function", "name": "get_time"},
+        input="And the time there?")
+    call3 = next(i for i in r3.output if i.type == "function_call")
+    _check_call(call3.name, call3.arguments, "get_time")
+    assert r3.usage.input_tokens_details.cached_tokens > \
+        r2.usage.input_tokens_details.cached_tokens
