@@ -78,8 +78,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Request
-from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, ValidationError,
-                      model_validator)
+from pydantic import Field, StringConstraints, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from tscompile.runtime.protocol import SamplingParams
@@ -89,7 +88,8 @@ from tscompile.runtime.server.chat import ChatTurn
 from tscompile.runtime.server.errors import APIError, from_value_error, short
 from tscompile.runtime.server.output import ChoiceDelta
 from tscompile.runtime.server.parsers.base import ToolCallDelta
-from tscompile.runtime.server.schemas import Int, NonEmpty, SessionId, Stop, Text
+from tscompile.runtime.server.schemas import (Int, NonEmpty, SessionId, Stop, StrictBody,
+                                              Text)
 from tscompile.runtime.server.serving import Generation
 
 if TYPE_CHECKING:
@@ -115,17 +115,7 @@ def _field(name: str) -> str:
 
 # ------------------------------------------------------------------ request schema
 
-class _Body(BaseModel):
-    """schemas.py's style: strict types, unknown fields forbidden, `null` = the default."""
-    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False,
-                              populate_by_name=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _defaults(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        return {k: v for k, v in data.items() if v is not None}
+_Body = StrictBody
 
 
 # Anthropic: ^[a-zA-Z0-9_-]{1,128}$ (dots too, which some MCP tool names use).

@@ -71,7 +71,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from tscompile.runtime.protocol import SamplingParams
 from tscompile.runtime.server import validation as V
@@ -79,8 +79,8 @@ from tscompile.runtime.server.chat import ChatTurn
 from tscompile.runtime.server.errors import APIError, from_value_error, short
 from tscompile.runtime.server.output import ChoiceDelta
 from tscompile.runtime.server.parsers.base import ToolCallDelta
-from tscompile.runtime.server.schemas import (MAX_TOOLS, Int, NonEmpty, SessionId, Text,
-                                              ToolName)
+from tscompile.runtime.server.schemas import (MAX_TOOLS, Int, NonEmpty, SessionId, StrictBody,
+                                              Text, ToolName)
 
 if TYPE_CHECKING:
     from tscompile.runtime.server.openai_api import OpenAIServer
@@ -101,17 +101,7 @@ def _field(name: str) -> str:
 
 # ------------------------------------------------------------------ request schema
 
-class _Body(BaseModel):
-    """schemas.py's style: strict types, unknown fields forbidden, `null` = the default."""
-    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False,
-                              populate_by_name=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _defaults(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        return {k: v for k, v in data.items() if v is not None}
+_Body = StrictBody
 
 
 class TextFormat(_Body):

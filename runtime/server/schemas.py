@@ -127,6 +127,21 @@ class _Body(BaseModel):
             k in cls._unsupported and any(_same(v, ok) for ok in UNSUPPORTED[k][0]))}
 
 
+class StrictBody(BaseModel):
+    """The Anthropic and Responses bodies' base: strict types, unknown fields forbidden,
+    `null` = the default, fields by name or alias (their unsupported fields are checked
+    by those modules, not through UNSUPPORTED)."""
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False,
+                              populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        return {k: v for k, v in data.items() if v is not None}
+
+
 class StreamOptions(_Body):
     _unsupported = ("include_obfuscation",)
     include_usage: bool = False
