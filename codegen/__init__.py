@@ -27,7 +27,7 @@ _TEMPLATES = jinja2.Environment(
     keep_trailing_newline=True, undefined=jinja2.StrictUndefined, autoescape=False)
 _INFIX = {operator.add: "+", operator.sub: "-", operator.mul: "*", operator.truediv: "/",
           operator.floordiv: "//"}
-_LAYER = re.compile(r"^(layers\.\d+)")
+_LAYER = re.compile(r"^((?:[^.]+\.)*?\d+)(\.|$)")      # layers.3, transformer.h.3
 
 
 def _target(fn: Any) -> str:

@@ -7,7 +7,11 @@ wants, insert the redistribution. The whole table, written once (DESIGN.md §Com
   3    S(d)    R       all_gather(d)                      1
   4    R       S(d)    local slice: narrow(d, rank*n, n)  1   (no communication, a copy)
   5    S(a)    S(b)    all_to_all(split b, concat a)      1
-  6    R, S    P       not a redistribution (it would change the sum)
+  6    R, S    P       not a redistribution (it would change the sum) ...
+  7    R       P       ... except for an operand a rule counts once (Strategy.once, e.g. the
+                       bias of a row-parallel linear): rank 0 keeps it, the others hold
+                       zeros, `x * (rank == 0)` (local, exact; DTensor divides by the world
+                       size instead). Never chosen by cost, so it costs INF here.
   S(d)xk (chunks) moves only by rows 4 and (for k = 1) 3.
 
 What it is not: the choice of placements (propagate.py) or fusion (fuse.py).
@@ -53,9 +57,27 @@ def rank_node(graph: fx.Graph) -> fx.Node:
     return node
 
 
+def _on_rank0(graph: fx.Graph) -> fx.Node:
+    """`rank == 0`, computed once per program (after the rank input)."""
+    rank = rank_node(graph)
+    for u in rank.users:
+        if u.op == "call_function" and u.target is operator.eq and u.args == (rank, 0):
+            return u
+    with graph.inserting_after(rank):
+        node = graph.create_node("call_function", operator.eq, (rank, 0), name="on_rank0")
+    node.meta.update(scope="", region=None, val=None, placement=None)
+    return node
+
+
 def _emit(graph: fx.Graph, x: fx.Node, src: Placement, dst: Placement, world: int
           ) -> tuple[fx.Node, str]:
     ops = torch.ops.tscompile
+    if isinstance(src, Replicate) and isinstance(dst, Partial):        # row 7 (once)
+        origin = x.args[0] if x.meta.get("boundary") is not None else x   # named after
+        name = ("_".join(origin.target.split(".")[-2:]) if origin.op == "get_attr"
+                else origin.name)
+        return (graph.create_node("call_function", operator.mul, (x, _on_rank0(graph)),
+                                  name=f"{name}_rank0"), "rank0")
     if isinstance(src, Partial) and isinstance(dst, Replicate):        # row 1
         return graph.call_function(ops.all_reduce.default, (x,)), "all_reduce"
     if isinstance(src, Partial) and isinstance(dst, Shard):            # row 2
@@ -102,11 +124,13 @@ def insert_collectives(stage: Stage) -> Stage:
         wants = node.meta.get("wants")
         if wants is None:
             continue
-        for a, want in zip(tensor_args(node), wants):
+        once = node.meta.get("once", ())
+        for i, (a, want) in enumerate(zip(tensor_args(node), wants)):
             have = a.meta.get("placement")
             if have == want:
                 continue
-            if redistribute_cost(have, want) == INF:
+            if redistribute_cost(have, want) == INF and not (
+                    i in once and isinstance(have, Replicate) and isinstance(want, Partial)):
                 raise ValueError(f"{node.name} in {node.meta.get('scope') or '<root>'} needs "
                                  f"{a.name} as {want} but it is {have}: no redistribution")
             new = done.get((a, want))

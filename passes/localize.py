@@ -4,7 +4,8 @@
 * every sharded value's shape is divided on its sharded dim (node.meta['val'] becomes the
   per-rank shape, as the dumps and the ONNX export show);
 * literal sizes in view/reshape/split along a sharded dim are divided by the group size
-  (model code that writes -1 needs nothing);
+  (model code that writes -1 needs nothing), and so are the bounds of a slice that takes
+  one chunk of a fused projection (qkv[..., H:2H] of an S(-1)x3 [q ; k ; v]);
 * expert parallel `moe_experts` learns which experts it holds: expert_start = rank * E_local;
 * every sharded parameter must divide: the error names the parameter, dim, size and group.
 What it is not: a memory planner; buffers are allocated by the runtime from the plan.
@@ -19,6 +20,7 @@ from tscompile.annotations import Shard
 from tscompile.passes.collectives import rank_node
 from tscompile.passes.ir import Stage, TensorVal
 from tscompile.passes.propagate import PlacementError
+from tscompile.passes.rules.view import chunk_of
 
 
 def _local(v, p, world):
@@ -46,6 +48,29 @@ def _check_params(st: Stage) -> None:
                 f"group size that divides {size}")
 
 
+def _chunk_slice(src, idx, world):
+    """The per-rank index of a slice taking one chunk of src's chunked dim: src holds its
+    part of every chunk, back to back, so chunk j is [j*C/world, (j+1)*C/world)."""
+    p, shape = src.meta["placement"], src.meta["val"].shape
+    items = list(idx) if isinstance(idx, tuple) else [idx]
+    used = sum(1 for i in items if i is not None and i is not Ellipsis)
+    d = 0
+    for k, i in enumerate(items):
+        if i is Ellipsis:
+            d += len(shape) - used
+            continue
+        if i is None:
+            continue
+        if d == p.dim:
+            j = chunk_of(i, shape[d], p.chunks)
+            if j is not None:
+                width = int(shape[d]) // p.chunks // world
+                items[k] = slice(j * width, (j + 1) * width)
+            break
+        d += 1
+    return tuple(items) if isinstance(idx, tuple) else items[0]
+
+
 def localize(stage: Stage) -> Stage:
     st = stage.copy("localize")
     graph = st.gm.graph
@@ -71,9 +96,14 @@ def localize(stage: Stage) -> Stage:
                 getattr(n.target, "__name__", n.target) == "split":
             src = n.args[0].meta.get("placement")
             dim = n.kwargs.get("dim", n.args[2] if len(n.args) > 2 else 0)
-            if isinstance(src, Shard) and src.dim == dim % n.args[0].meta["val"].ndim \
-                    and isinstance(n.args[1], (list, tuple)):
-                n.args = (n.args[0], [s // world for s in n.args[1]], *n.args[2:])
+            if isinstance(src, Shard) and src.dim == dim % n.args[0].meta["val"].ndim:
+                sizes = n.args[1]
+                n.args = (n.args[0], [s // world for s in sizes] if isinstance(
+                    sizes, (list, tuple)) else sizes // world, *n.args[2:])
+        if n.op == "call_function" and n.target is operator.getitem and \
+                isinstance(n.args[0].meta.get("placement"), Shard) and \
+                n.args[0].meta["placement"].chunks > 1:
+            n.args = (n.args[0], _chunk_slice(n.args[0], n.args[1], world))
         if n.op == "call_function" and n.target is torch.ops.tscompile.moe_experts.default:
             w13 = n.args[1]
             if w13.meta.get("placement") == Shard(0):

@@ -12,29 +12,37 @@ choose every parameter's sharding.
   replicated and each op takes the strategy whose input redistributions are cheapest
   (collectives.py's table); the mismatch is recorded in node.meta['wants'] and becomes a
   collective in the next pass.
-* A region whose group has one rank is replicated throughout (its P boundary is R).
+* A partial sum plus a replicated value: inside a region the rule's `once` strategy (the R
+  operand counted on rank 0 only, wants P: insert_collectives masks it, table row 7);
+  outside, the partial sum is all-reduced first and the R value added after the
+  reduction, so the residual stream stays R and all_reduce + add + rms_norm fuses.
+* A region whose group has one rank is replicated throughout (its P boundary is R). A
+  region of a larger group that ends up with nothing sharded is legal but pointless (every
+  rank computes all of it): it is logged as a warning naming the region and kept in
+  stage.facts['warnings'].
 What it is not: it inserts nothing; it only annotates node.meta['placement'/'wants'] and
 records the parameter plan in stage.facts['param_placements'] and the redistributions it
 asked for, (value, from, to), in stage.facts['redistributions'].
 """
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Any
 
 from torch import fx
 
-from tscompile.annotations import Placement, Replicate, Shard, get_placement
+from tscompile.annotations import Partial, Placement, Replicate, Shard, get_placement
 from tscompile.passes.collectives import redistribute_cost
+from tscompile.passes.explain import PlacementError, no_strategy
 from tscompile.passes.ir import Stage, is_tensor, target_name, tensor_args
 from tscompile.passes.rules import Ctx, Strategy, lookup
 
 R = Replicate()
+P = Partial()
 _MAX_STEPS = 200_000
-
-
-class PlacementError(ValueError):
-    pass
+log = logging.getLogger(__name__)
+_ONE_RANK = {"attn": "--attn-tp 1", "moe": "--moe-tp 1"}     # the dense group is --tp
 
 
 def _as_r(v: Any) -> Any:
@@ -54,6 +62,12 @@ def _pins(stage: Stage) -> dict[str, tuple[Placement, str]]:
             wanted += [(name, Shard(0)) for name in spec.experts]
         for name, p in wanted:
             full = f"{path}.{name}" if path else name
+            if isinstance(p, Partial):
+                raise PlacementError(
+                    f"parameter {full} is pinned Partial() in {path or '<root>'}: a parameter "
+                    f"is stored whole (R) or in slices (S(d)), never as per-rank summands; "
+                    f"hint: pin it Replicate() or drop the pin (a bias added to a partial sum "
+                    f"is added on one rank only, so a replicated bias is exact)")
             if full in pins and pins[full][0] != p:
                 raise PlacementError(
                     f"conflicting annotations for parameter {full}: {pins[full][0]} from "
@@ -67,20 +81,28 @@ class _Search:
     """Depth-first search over one region's ops."""
 
     def __init__(self, nodes: list[fx.Node], ctx_args: tuple[int, str], assign: dict,
-                 region: tuple[str, str]):
+                 region: tuple[str, str], pins: dict[str, tuple[Placement, str]]):
         self.nodes, self.assign = nodes, assign     # pinned parameters are already assigned
         self.path, self.group = region
+        self.pins = pins
         self.inside = set(nodes)
         self.world, self.style = ctx_args
         self.wants: dict[fx.Node, tuple] = {}
+        self.once: dict[fx.Node, tuple[int, ...]] = {}
         self.deepest = -1
+        # node -> its inputs' (and their producers' inputs') placements the first time no
+        # strategy fitted there: backtracking forgets them, the error needs them.
+        self.dead_ends: dict[fx.Node, dict[fx.Node, Any]] = {}
         self.steps = 0
-        self.notes: list[str] = []
+        self.notes: list[tuple[fx.Node, str]] = []
 
     def known(self, n: fx.Node) -> Any:
         return self.assign.get(n)
 
-    def strategies(self, node: fx.Node) -> list[Strategy]:
+    def strategies(self, node: fx.Node, notes: list | None = None,
+                   known: Any = None) -> list[Strategy]:
+        """The rule's strategies for `node`; `notes`/`known` replace the search's own (the
+        error explains a dead end with the placements it had then)."""
         b = node.meta.get("boundary")
         if b is not None:
             return [Strategy((b.placement,), b.placement)]
@@ -91,7 +113,8 @@ class _Search:
                 f"{node.meta.get('scope') or '<root>'}, inside the annotated module "
                 f"{self.path} (group split over {self.world} ranks); hint: add a rule in "
                 f"passes/rules/, or move the op outside the annotated module")
-        ctx = Ctx(self.world, self.style, self.known, self.notes)
+        ctx = Ctx(self.world, self.style, known or self.known,
+                  self.notes if notes is None else notes)
         return fn(node, ctx)
 
     def run(self) -> None:
@@ -109,6 +132,8 @@ class _Search:
                 continue                     # redistributed outside the region
             have = self.assign.get(a)
             if have is None and a.op == "get_attr":
+                if isinstance(want, Partial):
+                    break                    # a parameter is whole or sliced, never P
                 if a not in bind:
                     bind.append(a)
                     self.assign[a] = want
@@ -136,26 +161,22 @@ class _Search:
             if bind is None:
                 continue
             self.assign[node], self.wants[node] = s.output, s.inputs
+            if s.once:
+                self.once[node] = s.once
             if self._dfs(i + 1):
                 return True
             del self.assign[node], self.wants[node]
+            self.once.pop(node, None)
             for a in bind:
                 del self.assign[a]
+        if node not in self.dead_ends:
+            seen = tensor_args(node) + [b for a in tensor_args(node) if a.op != "get_attr"
+                                        for b in tensor_args(a)]
+            self.dead_ends[node] = {a: self.assign.get(a) for a in seen}
         return False
 
     def _explain(self) -> None:
-        node = self.nodes[min(self.deepest, len(self.nodes) - 1)]
-        # Reasons a rule gave (sizes that do not divide, ...), plain shards before chunked.
-        notes = sorted(dict.fromkeys(self.notes), key=lambda n: "x2)" in n)
-        why = "; ".join(notes[:3]) if notes else (
-            f"no strategy of {target_name(node)} ({node.name}) in "
-            f"{node.meta.get('scope') or '<root>'} accepts inputs "
-            f"{[str(self.assign.get(a)) for a in tensor_args(node)]}")
-        raise PlacementError(
-            f"cannot split {self.path} over group {self.group} ({self.world} ranks) without "
-            f"communication inside: {why}; hint: use sizes the group divides (e.g. a tp that "
-            f"divides the head count), replicate this group (--attn-tp 1 or a smaller --tp), "
-            f"or pin a parameter with @placement(params=...)")
+        raise PlacementError(no_strategy(self))
 
 
 def _decision_nodes(nodes: list[fx.Node]) -> list[fx.Node]:
@@ -185,7 +206,7 @@ def propagate(stage: Stage) -> Stage:
         if region is not None:
             if region not in solved:
                 solved.add(region)
-                _solve_region(st, region, regions[region], assign, wants)
+                _solve_region(st, region, regions[region], assign, wants, pins)
             continue
         if n.op == "get_attr":
             assign.setdefault(n, R)
@@ -227,7 +248,7 @@ def _asked(graph: fx.Graph, assign: dict, wants: dict) -> list[tuple[str, str, s
 
 
 def _solve_region(st: Stage, region: tuple[str, str], nodes: list[fx.Node],
-                  assign: dict, wants: dict) -> None:
+                  assign: dict, wants: dict, pins: dict) -> None:
     path, group = region
     world = st.mesh.size(group)
     decide = _decision_nodes(nodes)
@@ -242,12 +263,31 @@ def _solve_region(st: Stage, region: tuple[str, str], nodes: list[fx.Node],
             assign[n] = _as_r(n.meta["val"])
             wants[n] = tuple(_as_r(a.meta["val"]) for a in tensor_args(n))
         return
-    search = _Search(decide, (world, st.mesh.style(group)), assign, region)
+    search = _Search(decide, (world, st.mesh.style(group)), assign, region, pins)
     search.run()
     wants.update(search.wants)
+    for n, once in search.once.items():      # counted on rank 0: wanted as its summand P
+        wants[n] = tuple(P if i in once else w for i, w in enumerate(wants[n]))
+        n.meta["once"] = once
     for n in nodes:
         if n.op == "get_attr":
             assign.setdefault(n, R)
+    if not any(_split(assign.get(n)) for n in nodes):
+        bounds = ", ".join(f"{b.side} {b.index} {b.placement}" for b in
+                           (n.meta["boundary"] for n in nodes if n.meta.get("boundary")))
+        msg = (f"annotated module {path} (group {group}, {world} ranks) has nothing sharded: "
+               f"every parameter and value is replicated, so each rank computes all of it "
+               f"(boundaries: {bounds or 'none'}); hint: end it with outputs=Partial() so "
+               f"its last linear can be row parallel, or give the group one rank "
+               f"({_ONE_RANK.get(group, 'a smaller --tp')})")
+        st.facts.setdefault("warnings", []).append(msg)
+        log.warning("%s", msg)
+
+
+def _split(p: Any) -> bool:
+    if isinstance(p, tuple):
+        return any(_split(q) for q in p)
+    return isinstance(p, (Shard, Partial))
 
 
 def _place_outside(st: Stage, n: fx.Node, assign: dict, wants: dict) -> None:
@@ -265,6 +305,8 @@ def _place_outside(st: Stage, n: fx.Node, assign: dict, wants: dict) -> None:
     ctx = Ctx(st.mesh.world_size, "tp", lambda a: assign.get(a), [])
     best, best_cost = None, (float("inf"), True)
     for s in fn(n, ctx):
+        if s.once:
+            continue                  # outside: reduce the partial sum, then add (see top)
         # Cheapest redistribution first; on a tie keep the value replicated (the residual
         # stream stays R, so the next annotated module gets its R input for free).
         cost = (sum(redistribute_cost(assign[a], w) for a, w in zip(args, s.inputs)),

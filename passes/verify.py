@@ -17,7 +17,9 @@ from collections import Counter
 
 from tscompile.passes.ir import Stage, fmt_val, tensor_args
 
-_LAYER = re.compile(r"^layers\.(\d+)(\.|$)")
+# A layer is the first numeric component of a module path: layers.3, gpt_neox.layers.3,
+# transformer.h.3 (an author's container names are their own).
+_LAYER = re.compile(r"^(?:[^.]+\.)*?(\d+)(\.|$)")
 
 
 class VerifyError(AssertionError):

@@ -151,6 +151,7 @@ def build(model: str | Path, *, mesh: Mesh, preset: str | None = None,
         "schedule": stage.facts["schedule"],
         "collectives_per_layer": _per_layer(stage.facts["schedule"]),
         "fused_all_reduce_norm": stage.facts.get("fused_all_reduce_norm", 0),
+        "warnings": stage.facts.get("warnings", []),
         "passes": timings,
         "inputs": ["input_ids [T] int64", "positions [T] int64", "meta: AttentionMetadata"],
     }

@@ -4,7 +4,10 @@ inputs and what it then produces, with no communication (DTensor's "strategies")
 A rule is `fn(node, ctx) -> list[Strategy]`; `Strategy.inputs` is aligned with
 `passes.ir.tensor_args(node)` and lists the placement each tensor input must have. The
 propagator never special-cases an op: it picks among these. Strategies are listed most
-sharded first (the propagator prefers the first that fits). Files, one op family each:
+sharded first (the propagator prefers the first that fits). A partial sum plus a replicated
+value (a row-parallel linear's bias, `add(P, R)`) is the strategy `(P, R) -> P` with the R
+operand in `once`: it is counted on one rank only (collectives.py, row 7), so the sum over
+ranks adds it exactly once. Files, one op family each:
 pointwise.py (elementwise, broadcasting), linear.py (einsum-style contractions), view.py
 (reshape/transpose/index/split/cat/reductions), kernels.py (tscompile custom ops).
 
@@ -22,10 +25,18 @@ from tscompile.annotations import Placement, Replicate, Shard
 R = Replicate()
 
 
+# Chunk counts a fused projection's output dim may be split in: [gate ; up] is 2 chunks,
+# [q ; k ; v] 3 (each chunk split over the ranks, plan.py's slicing convention).
+CHUNKS = (1, 2, 3)
+
+
 @dataclass(frozen=True, slots=True)
 class Strategy:
     inputs: tuple[Placement, ...]
     output: Union[Placement, tuple[Placement, ...]]
+    # Indices of R inputs added into a P output: rank 0 adds them, the others add zero
+    # (a bias on a row-parallel linear). Never needs communication, so a module stays local.
+    once: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +44,11 @@ class Ctx:
     world: int                                   # size of the group the node is split over
     style: str                                   # "tp" or "ep" (MoE style of the region)
     known: Callable[[fx.Node], object]           # current placement of a value, None if free
-    notes: list[str] = field(default_factory=list)   # why candidates were rejected
+    notes: list[tuple[fx.Node, str]] = field(default_factory=list)   # (node, why rejected)
+
+    def note(self, node: fx.Node, why: str) -> None:
+        """Why a rule refused a placement of `node` (the propagator's error quotes it)."""
+        self.notes.append((node, why))
 
 
 def candidates(node: fx.Node, ctx: Ctx) -> list[object]:
@@ -56,7 +71,7 @@ def follow(node: fx.Node, ctx: Ctx, source: fx.Node, fn: Callable[[object], obje
         try:
             out = fn(p)
         except Reject as why:
-            ctx.notes.append(f"{node.meta.get('scope', '')}: {node.name} ({p}): {why}")
+            ctx.note(node, f"{p}: {why}")
             continue
         found.append(Strategy((p,) + tuple(R for _ in extra), out))
     return found

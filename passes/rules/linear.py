@@ -1,16 +1,22 @@
 """Contractions, stated as einsums (DTensor's einsum strategy):
 
   linear     "...k, nk, n -> ...n"   (x, weight [out, in], optional bias)
+  addmm      "n, mk, kn -> mn"        (bias, x, weight [in, out]: GPT-2's Conv1D)
   matmul     "...mk, ...kn -> ...mn"
   embedding  "t, vh -> th"            (ids, table)
 
 From a spec: a letter kept in the output may be sharded in every input that has it (the
 output is sharded there: column parallel when it is `n`); a contracted letter sharded in
-every input gives a partial sum P (row parallel). With a bias, only `n` may be sharded
-(a bias cannot be a partial sum: it would be added once per rank); a biased linear leaves a
-note naming its weight and bias, so a region that needed it row parallel says why it was
-refused. Linear in x: x = P with everything else R gives P. `n` may carry chunks (a fused
-[gate ; up] weight, S(0)x2).
+every input gives a partial sum P (row parallel). Linear in x: x = P with everything else R
+gives P. `n` may carry chunks (a fused [gate ; up] or [q ; k ; v] weight, S(0)x2, S(0)x3).
+
+A bias (the `additive` operand) is added, not multiplied: it is sharded with `n` in the
+column-parallel strategies, and in those whose output is P (row parallel, or x = P) it is
+R and counted once (`Strategy.once`): rank 0's summand carries it, so the sum over ranks
+adds it exactly once. The rank 0 choice, not "add after the all-reduce", because it is the
+cheaper schedule: the bias stays the GEMM's epilogue (the other ranks pass a zero bias, an
+[n]-sized mask per step), nothing is added between the reduction and the residual add (so
+all_reduce + add + rms_norm still fuses), and the module's P boundary stays as written.
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ from torch import fx
 
 from tscompile.annotations import Partial, Shard
 from tscompile.passes.ir import tensor_args
-from tscompile.passes.rules import R, Ctx, Strategy, rule
+from tscompile.passes.rules import CHUNKS, R, Ctx, Strategy, rule
 
 P = Partial()
 
@@ -40,28 +46,28 @@ def _expand(spec: str, ranks: list[int]) -> tuple[list[str], str]:
 
 
 def einsum_strategies(spec: str, args: list[fx.Node], *, chunk_letters: str = "",
-                      additive: int = -1, linear_first: bool = True) -> list[Strategy]:
+                      additive: int = -1, linear_in: int | None = 0) -> list[Strategy]:
     """Strategies of an einsum over `args`. `additive`: index of an operand that is added
-    (a bias), not multiplied. `linear_first`: x = P, rest R -> P."""
+    (a bias), not multiplied. `linear_in`: index of the operand that may be P alone (x = P,
+    rest R -> P), None for none."""
     letters, out = _expand(spec, [a.meta["val"].ndim for a in args])
+    once = (additive,) if additive >= 0 else ()
     found: list[Strategy] = []
     for c in dict.fromkeys(out):                       # kept letters: shard everywhere
-        for chunks in ((1, 2) if c in chunk_letters else (1,)):
+        for chunks in (CHUNKS if c in chunk_letters else (1,)):
             ins = tuple(Shard(op.index(c), chunks) if c in op else R for op in letters)
             found.append(Strategy(ins, Shard(out.index(c), chunks)))
     contracted = [c for c in dict.fromkeys("".join(letters)) if c not in out]
-    if additive < 0:                  # with a bias, P would add it once per rank
-        for c in contracted:
-            if all(c in op for op in letters):
-                found.append(Strategy(tuple(Shard(op.index(c)) for op in letters), P))
+    for c in contracted:                               # row parallel: P, a bias once
+        if all(c in op for i, op in enumerate(letters) if i != additive):
+            ins = tuple(R if i == additive else Shard(op.index(c))
+                        for i, op in enumerate(letters))
+            found.append(Strategy(ins, P, once))
     found.append(Strategy(tuple(R for _ in letters), R))
-    if linear_first and additive < 0:
-        found.append(Strategy((P,) + tuple(R for _ in letters[1:]), P))
+    if linear_in is not None:
+        found.append(Strategy(tuple(P if i == linear_in else R for i in range(len(letters))),
+                              P, once))
     return found
-
-
-def _name(a: fx.Node) -> str:
-    return a.target if a.op == "get_attr" else a.name
 
 
 @rule("linear")
@@ -69,13 +75,18 @@ def linear(node: fx.Node, ctx: Ctx) -> list[Strategy]:
     args = tensor_args(node)
     if len(args) < 3:
         return einsum_strategies("...k,nk->...n", args, chunk_letters="n")
-    # Row parallel with a bias is refused, not lowered (issue 17: add the bias on one
-    # rank only). Said up front: the search may fail far from here, e.g. at a P boundary.
-    ctx.notes.append(
-        f"{_name(args[1])} has a bias ({_name(args[2])}): splitting its input dim (row "
-        f"parallel) is not supported, the bias would be added once per rank (use bias=False "
-        f"in {node.meta.get('scope') or '<root>'}, or keep it column parallel or replicated)")
     return einsum_strategies("...k,nk,n->...n", args, chunk_letters="n", additive=2)
+
+
+@rule("addmm")
+def addmm(node: fx.Node, ctx: Ctx) -> list[Strategy]:
+    # torch.addmm(bias, x, w): bias [n] or [m, n], x [m, k], w [k, n].
+    args = tensor_args(node)
+    if len(args) != 3:
+        return [Strategy(tuple(R for _ in args), R)]
+    bias = "mn"[2 - args[0].meta["val"].ndim:]
+    return einsum_strategies(f"{bias},mk,kn->mn", args, chunk_letters="n", additive=0,
+                             linear_in=1)
 
 
 @rule("matmul", "method:matmul", "bmm")

@@ -5,7 +5,9 @@
   transpose/permute, unsqueeze    the shard moves with its dim
   getitem         on a tuple: that element; on a tensor: a sharded dim must be kept whole
   split/chunk, cat, sum/mean/amax/softmax/topk    along an unsharded dim only
-                  (sum over the sharded dim is a partial sum: S(d) -> P)
+                  (sum over the sharded dim is a partial sum: S(d) -> P), except that a
+                  fused projection's S(d)xk splits into its k equal chunks, each S(d)
+                  ([q ; k ; v] -> q, k, v), and a slice of exactly one chunk is S(d)
 Linear ones (view, transpose, getitem, split, cat, sum, mean) pass P through.
 """
 from __future__ import annotations
@@ -115,6 +117,21 @@ def unsqueeze(node: fx.Node, ctx: Ctx) -> list[Strategy]:
     return follow(node, ctx, node.args[0], fn)
 
 
+def chunk_of(i: object, size: sympy.Expr, chunks: int) -> int | None:
+    """Which chunk a basic slice of a dim of `size` (cut in `chunks` equal chunks) is
+    exactly, or None (qkv[..., H:2H] of a [q ; k ; v] is chunk 1)."""
+    if chunks == 1 or not isinstance(i, slice) or i.step not in (None, 1) or \
+            sympy.sympify(size).free_symbols or \
+            not all(isinstance(x, (int, type(None))) for x in (i.start, i.stop)):
+        return None
+    n = int(size)
+    start, stop, _ = i.indices(n)
+    width = n // chunks
+    if n % chunks or stop - start != width or start % width:
+        return None
+    return start // width
+
+
 def _getitem_tensor(node: fx.Node, p, idx) -> object:
     if not isinstance(p, Shard):
         return p
@@ -136,6 +153,8 @@ def _getitem_tensor(node: fx.Node, p, idx) -> object:
         if d_in == p.dim:
             if isinstance(i, slice) and i == slice(None):
                 return Shard(d_out, p.chunks)
+            if chunk_of(i, node.args[0].meta["val"].shape[p.dim], p.chunks) is not None:
+                return Shard(d_out)
             raise Reject(f"indexing the sharded dim {p.dim} with {i!r}")
         d_in += 1
         if not isinstance(i, int):
@@ -168,10 +187,17 @@ def _along(node: fx.Node, ctx: Ctx, dim_pos: int, linear: bool, tuple_out: int =
             if p.dim in dims:
                 if sum_partial:
                     return P
+                if tuple_out and p.chunks == tuple_out and _equal_pieces(node, p.dim):
+                    return tuple(Shard(p.dim) for _ in range(tuple_out))   # one per chunk
                 raise Reject(f"works along the sharded dim {p.dim}")
             p = Shard(p.dim - sum(1 for d in dims if d < p.dim and not keep), p.chunks)
         return tuple(p for _ in range(tuple_out)) if tuple_out else p
     return follow(node, ctx, src, fn)
+
+
+def _equal_pieces(node: fx.Node, dim: int) -> bool:
+    sizes = {str(v.shape[dim]) for v in node.meta["val"]}
+    return len(sizes) == 1
 
 
 @rule("method:split", "split", "method:chunk", "chunk")

@@ -46,17 +46,25 @@ MUTATIONS = (
              (("sizes[p.dim] = s // world", "sizes[p.dim] = s"),),
              (T + "test_localize.py::test_literal_view_size_on_the_split_dim_is_divided",
               T + "test_localize.py::test_merge_of_a_split_dim_divides_its_literal")),
-    Mutation("b", "linear rule: contracted shard allowed with a bias", "rules/linear.py",
-             (("""    if additive < 0:                  # with a bias, P would add it once per rank
-        for c in contracted:
-            if all(c in op for op in letters):
-                found.append(Strategy(tuple(Shard(op.index(c)) for op in letters), P))
-""", """    for c in contracted:
-        if all(c in op for i, op in enumerate(letters) if i != additive):
-            found.append(Strategy(tuple(Shard(op.index(c)) if c in op else R
-                                        for op in letters), P))
-"""),),
-             (T + "test_rules_linear.py::test_row_parallel_linear_with_bias_is_refused",)),
+    Mutation("b", "linear rule: a row-parallel bias added on every rank", "rules/linear.py",
+             (("found.append(Strategy(ins, P, once))", "found.append(Strategy(ins, P))"),),
+             (T + "test_rules_linear.py::test_row_parallel_linear_adds_its_bias_on_rank0"
+                  "[bias_row-mlp.down-2]",
+              T + "test_rules_linear.py::test_row_parallel_bias_matches_single_device"
+                  "[bias_row-2]")),
+    Mutation("b2", "pointwise rule: P + R without counting R once", "rules/pointwise.py",
+             (("out_list.append(Strategy(mask, P, tuple(i for i, m in enumerate(mask)",
+               "out_list.append(Strategy(mask, P, () and tuple(i for i, m in enumerate(mask)"),),
+             (T + "test_row_parallel_bias.py::test_partial_plus_replicate_matches_single_device"
+                  "[2]",)),
+    Mutation("b4", "propagate: a free parameter bound to P (a bias added on every rank)",
+             "propagate.py",
+             (("break                    # a parameter is whole or sliced, never P", "pass"),),
+             (T + "test_row_parallel_bias.py::test_partial_plus_replicate_matches_single_device"
+                  "[2]",)),
+    Mutation("b3", "localize: a slice of one chunk keeps its global bounds", "localize.py",
+             (("items[k] = slice(j * width, (j + 1) * width)", "pass"),),
+             (T + "test_row_parallel_bias.py::test_compiled_matches_single_device[phi3-2]",)),
     Mutation("c1", "R -> S(d)x2: every piece taken from chunk 0", "collectives.py",
              (("(start, k * int(size) // dst.chunks))", "(start, 0))"),),
              (T + "test_collectives.py::test_chunked_slice_takes_each_ranks_share_of_every_chunk",

@@ -1,42 +1,38 @@
 """passes/rules/linear.py with a bias: column parallel splits the bias with the output dim
-(n); row parallel (the contracted dim k split, a partial sum) is refused, naming the weight
-and its bias, since each rank would add the bias once (issue 17 will lower it instead)."""
+(n); row parallel (the contracted dim k split, a partial sum) keeps the bias whole and adds
+it on rank 0 only (`x * (rank == 0)` before the linear, collectives.py row 7), so the sum
+over ranks counts it once."""
 from __future__ import annotations
 
 import pytest
 import sympy
 
 from tscompile.passes.ir import T, target_name
-from tscompile.passes.propagate import PlacementError
 
 from . import toys
 
-# x arrives split on its last (contracted) dim, so only a row-parallel linear could take it.
-SPLIT_INPUT = toys.source('''
-@placement(inputs=Shard(1), outputs=Partial())
-class Row(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.proj = nn.Linear(16, 16, bias=True)
-
-    def forward(self, x):
-        return self.proj(x)
-''', "self.row = Row()", "x = x + self.row(x)")
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("name,module", [("bias_row", "mlp.down"),
+                                         ("bias_row_input", "row.proj")])
+def test_row_parallel_linear_adds_its_bias_on_rank0(tmp_path, world, name, module):
+    built = toys.compile_toy(tmp_path, name, toys.PARITY[name], world)
+    plan = {k: v["placement"] for k, v in built.manifest["tensors"].items()}
+    assert plan[f"{module}.weight"] == "S(1)" and plan[f"{module}.bias"] == "R"
+    # The bias is masked to rank 0 (R -> P) right before its linear, whose output is P.
+    assert ("rank0", "R", "P", module.replace(".", "_") + "_bias") in [
+        (c["kind"], c["from"], c["to"], c["value"]) for c in built.manifest["schedule"]]
+    lin = next(n for n in built.stage.gm.graph.nodes if target_name(n) == "linear"
+               and n.args[1].target == f"{module}.weight")
+    mask = lin.args[2]
+    assert target_name(mask) == "mul" and mask.args[0].target == f"{module}.bias"
+    assert target_name(mask.args[1]) == "eq" and mask.args[1].args[1] == 0
+    assert str(lin.meta["placement"]) == "P"
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("name,text,module", [
-    ("mlp_down_bias", toys.mlp(up_bias=False, down_bias=True), "mlp"),
-    ("row_bias", SPLIT_INPUT, "row")])
-def test_row_parallel_linear_with_bias_is_refused(tmp_path, world, name, text, module):
-    with pytest.raises(PlacementError) as e:
-        toys.compile_toy(tmp_path, name, text, world)
-    msg = str(e.value)
-    weight = "mlp.down" if module == "mlp" else "row.proj"
-    for part in (f"cannot split {module} over group dense ({world} ranks)",
-                 f"{weight}.weight has a bias ({weight}.bias)", "row parallel",
-                 "added once per rank", "bias=False"):
-        assert part in msg, (part, msg)
+@pytest.mark.parametrize("name", ["bias_row", "bias_row_input"])
+def test_row_parallel_bias_matches_single_device(world, name):
+    toys.assert_parity(world, name)
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -134,6 +134,19 @@ class MergeDims(nn.Module):
 ''', "self.split = SplitHeads()\n        self.merge = MergeDims()",
     "x = x + self.merge(self.split(x))")
 
+# x arrives split on its last (contracted) dim, so only a row-parallel linear can take it;
+# its bias is added on rank 0 only.
+SPLIT_INPUT = source('''
+@placement(inputs=Shard(1), outputs=Partial())
+class Row(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 16, bias=True)
+
+    def forward(self, x):
+        return self.proj(x)
+''', "self.row = Row()", "x = x + self.row(x)")
+
 # The toys `parity` runs at each world size: name -> model source.
 PARITY = {
     "permute_function": heads(move="torch.permute(h, (0, 2, 1))"),
@@ -143,6 +156,8 @@ PARITY = {
     "chunked_slice": CHUNKED_SLICE,
     "all_to_all": ALL_TO_ALL,
     "bias_column": mlp(up_bias=True, down_bias=False),
+    "bias_row": mlp(up_bias=True, down_bias=True),
+    "bias_row_input": SPLIT_INPUT,
 }
 
 

@@ -69,8 +69,8 @@ def _compare(onnx_op: str, negate: bool = False):
         b = ex.pick(args, kwargs, 1, "other")
         like = next((v.dtype for v in (a, b) if isinstance(v, Val) and v.kind == "tensor"),
                     None)
-        if like is None:
-            raise Unsupported("comparison without a tensor")
+        if like is None:     # python ints, e.g. `rank == 0` (a bias counted on rank 0 only)
+            return _compare_ints(ex, onnx_op, negate, a, b)
         names = []
         for v in (a, b):
             have = v.dtype if isinstance(v, Val) and v.kind == "tensor" else None
@@ -80,6 +80,25 @@ def _compare(onnx_op: str, negate: bool = False):
         eq = ex.emit(onnx_op, names, suffix="eq")[0]
         return ex.final("Not", [eq])
     return handler
+
+
+_FOLD = {"Equal": operator.eq, "Less": operator.lt, "LessOrEqual": operator.le,
+         "Greater": operator.gt, "GreaterOrEqual": operator.ge}
+
+
+def _compare_ints(ex: Exporter, onnx_op: str, negate: bool, a: Any, b: Any) -> Val:
+    """A comparison of python ints: folded when static, else a bool scalar (typed "bool",
+    so arithmetic with a tensor casts it to the tensor's dtype)."""
+    a, b = (Val("int", ex.name_of(v)) if isinstance(v, Val) and v.kind == "object" else v
+            for v in (a, b))
+    if not any(isinstance(v, Val) and not v.static for v in (a, b)):
+        r = _FOLD[onnx_op](ex.py(a), ex.py(b)) != negate
+        return Val("int", const=int(r))
+    out = ex.scalar_op(onnx_op, [ex.name_of(v) for v in (a, b)])
+    if negate:
+        out = ex.scalar_op("Not", [out])
+    ex.typed(out, "bool", [])
+    return Val("int", out, "bool", [])
 
 
 def _unary(onnx_op: str):
