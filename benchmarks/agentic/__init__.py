@@ -4,7 +4,9 @@ server and report output tokens per GPU-minute at a per-user decode floor (issue
 What it is, one file per step:
 
     trajectories.py  real SWE-agent conversations -> per-turn shape; tokenizer; filler corpus
+    tools.py         a trajectory's commands -> OpenAI tools; each reply -> its tool call
     workload.py      sessions scaled to a first-turn size (default 50K tokens) -> JSONL
+                     (--tool-format openai: tools, tool_calls and tool messages)
     client.py        asyncio/httpx streaming sessions, `concurrency` at a time -> records
     metrics.py       records -> per-level TPS/user, TTFT, ITL, output and prompt TPM/GPU
                      (cached / uncached apart), headline at 70 and 200 TPS/user; CSV I/O

@@ -2,6 +2,7 @@
 
     python -m benchmarks.agentic make-workload --tokenizer MODEL_DIR -o wl.jsonl [--sessions 32]
         [--first-turn-tokens 50000] [--max-turns N] [--max-reply-tokens 2048] [--seed 0]
+        [--tool-format text|openai]
     python -m benchmarks.agentic sweep --url http://127.0.0.1:8000 --workload wl.jsonl
         --gpus 1 --out benchmarks/results/agentic/tsrun-h100 [--concurrency 1,2,4,8,16,32]
         [--duration 120] [--sessions-per-level N] [--pause 1.0] [--label tsrun]
@@ -50,6 +51,10 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
                    help="end a session before its context outgrows this (the server's "
                         "max model length)")
     g.add_argument("--seed", type=int, default=_W.seed)
+    g.add_argument("--tool-format", choices=W.TOOL_FORMATS, default=_W.tool_format,
+                   help="text: observations as user messages (the default, comparable with "
+                        "earlier results); openai: the trajectory's commands as `tools`, its "
+                        "replies as assistant tool_calls, observations as tool messages")
 
 
 def workload_config(a: argparse.Namespace) -> W.WorkloadConfig:
@@ -57,7 +62,7 @@ def workload_config(a: argparse.Namespace) -> W.WorkloadConfig:
         trajectories=a.trajectories, sessions=a.sessions, first_turn_tokens=a.first_turn_tokens,
         tool_output_scale=a.tool_output_scale, max_tool_tokens=a.max_tool_tokens,
         max_reply_tokens=a.max_reply_tokens, max_turns=a.max_turns,
-        max_context_tokens=a.max_context_tokens, seed=a.seed)
+        max_context_tokens=a.max_context_tokens, seed=a.seed, tool_format=a.tool_format)
 
 
 def make_workload(a: argparse.Namespace) -> int:

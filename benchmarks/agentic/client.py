@@ -15,6 +15,13 @@ holds its slot (and, on tsrun, its pinned prefix), so the server sees fewer than
 Each session instance gets a unique tag at the start of its first user message, so replaying
 a workload session at another level (or twice) never hits another instance's cached prefix;
 the agent's system prompt before it stays shared, as it is across real agent sessions.
+
+A session with `tools` (workload `--tool-format openai`) sends them, identical on every
+turn, with `tool_choice: "auto"`; its history is the trajectory's own replies and calls
+(each turn's messages open with them), never the server's, so every tool message answers a
+call the history holds. The record counts the calls the server streamed back (`tool_calls`)
+and keeps its finish_reason ("tool_calls" when it ended on one); a streamed call's argument
+chunks count as token arrivals, as content chunks do.
 """
 from __future__ import annotations
 
@@ -72,6 +79,8 @@ class RequestRecord:
     cached_tokens: int | None = None
     finish_reason: str | None = None
     error: str | None = None
+    tools: int = 0                  # tools declared in the request
+    tool_calls: int = 0             # calls the response streamed back
 
 
 def headers(cfg: ClientConfig) -> dict[str, str]:
@@ -87,14 +96,38 @@ async def server_model(http: httpx.AsyncClient, cfg: ClientConfig) -> str:
     return data[0]["id"]
 
 
-async def chat(http: httpx.AsyncClient, cfg: ClientConfig, model: str, rec: RequestRecord,
-               messages: list[dict[str, str]], t_level: float) -> str:
-    """One streamed chat completion, filling `rec`; returns the reply text."""
+def request_body(cfg: ClientConfig, model: str, rec: RequestRecord,
+                 messages: list[dict[str, Any]],
+                 tools: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The /v1/chat/completions body of one turn."""
     body: dict[str, Any] = {"model": model, "messages": messages, "max_tokens": rec.max_tokens,
                             "temperature": cfg.temperature, "stream": True,
                             "stream_options": {"include_usage": True}, "user": rec.session}
     if cfg.ignore_eos:
         body["ignore_eos"] = True
+    if tools:
+        body["tools"] = tools
+        body["tool_choice"] = "auto"
+    return body
+
+
+def turn_messages(s: Session, k: int, sid: str) -> list[dict[str, Any]]:
+    """What turn k appends to the history: the workload's messages, the first user message
+    of turn 0 tagged with the instance id (module docstring)."""
+    new = [dict(m) for m in s.turns[k].messages]
+    if k == 0:
+        u = next(i for i, m in enumerate(new) if m["role"] == "user")
+        new[u]["content"] = f"[{sid}]\n" + new[u]["content"]
+    return new
+
+
+async def chat(http: httpx.AsyncClient, cfg: ClientConfig, model: str, rec: RequestRecord,
+               messages: list[dict[str, Any]], t_level: float,
+               tools: list[dict[str, Any]] | None = None) -> str:
+    """One streamed chat completion, filling `rec`; returns the reply text."""
+    body = request_body(cfg, model, rec, messages, tools)
+    rec.tools = len(tools or ())
+    calls: set[tuple[int, int]] = set()
     hdrs = {**headers(cfg), "x-session-id": rec.session}
     text: list[str] = []
     t0 = time.perf_counter()
@@ -116,9 +149,14 @@ async def chat(http: httpx.AsyncClient, cfg: ClientConfig, model: str, rec: Requ
                         rec.error = f"stream error: {json.dumps(chunk['error'])[:300]}"
                         break
                     for c in chunk.get("choices") or []:
-                        if content := (c.get("delta") or {}).get("content"):
+                        delta = c.get("delta") or {}
+                        if content := delta.get("content"):
                             rec.token_times.append(time.perf_counter() - t0)
                             text.append(content)
+                        elif delta.get("tool_calls"):
+                            rec.token_times.append(time.perf_counter() - t0)
+                        for t in delta.get("tool_calls") or ():
+                            calls.add((c.get("index", 0), t.get("index", 0)))
                         rec.finish_reason = c.get("finish_reason") or rec.finish_reason
                     if usage := chunk.get("usage"):
                         rec.output_tokens = usage.get("completion_tokens")
@@ -128,6 +166,7 @@ async def chat(http: httpx.AsyncClient, cfg: ClientConfig, model: str, rec: Requ
     except (httpx.HTTPError, json.JSONDecodeError) as e:
         rec.error = f"{type(e).__name__}: {e}"[:300]
     rec.latency = time.perf_counter() - t0
+    rec.tool_calls = len(calls)
     rec.ttft = rec.token_times[0] if rec.token_times else None
     if rec.error is None and not rec.token_times:
         rec.error = "no content streamed"
@@ -160,22 +199,19 @@ async def run_level(cfg: ClientConfig, sessions: list[Session], concurrency: int
         async def session_loop(j: int) -> None:
             s = sessions[j % len(sessions)]
             sid = f"{tag}-c{concurrency}-{j:04d}-{s.id}"
-            history: list[dict[str, str]] = []
+            history: list[dict[str, Any]] = []
             for k, turn in enumerate(s.turns[:max_turns]):
                 if k and time.perf_counter() >= deadline:
                     return                                   # level over: truncate
-                new = [dict(m) for m in turn.messages]
-                if k == 0:                                   # unique per instance (docstring)
-                    u = next(i for i, m in enumerate(new) if m["role"] == "user")
-                    new[u]["content"] = f"[{sid}]\n" + new[u]["content"]
-                history += new
+                history += turn_messages(s, k, sid)
                 rec = RequestRecord(concurrency, sid, s.source, k, turn.max_tokens)
-                reply = await chat(http, cfg, model, rec, history, t_level)
+                reply = await chat(http, cfg, model, rec, history, t_level, s.tools)
                 records.append(rec)
                 bar.update(1)
                 if rec.error:
                     return                                   # the agent cannot go on
-                history.append({"role": "assistant", "content": reply})
+                if not s.tools:           # tool format: the next turn brings the trajectory's
+                    history.append({"role": "assistant", "content": reply})
                 if k + 1 < len(s.turns[:max_turns]) and cfg.pause:
                     await asyncio.sleep(cfg.pause)
 

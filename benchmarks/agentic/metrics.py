@@ -12,6 +12,9 @@ level; only requests that completed without error count toward throughput and la
     prompt TPM/GPU        = sum(prompt_tokens) / window / gpus, split into
                             cached (usage.prompt_tokens_details.cached_tokens) + uncached
     prefix-cache hit rate = sum(cached) / sum(prompt)
+    tool-call responses   = completed requests that sent tools and ended with finish_reason
+                            "tool_calls" / completed requests that sent tools (None when
+                            none did); `tool_calls` counts the calls streamed back
 
 Output and prompt throughput are separate numbers and never added together; cached prompt
 tokens are reported apart so a prefix-cache-heavy run cannot pass for compute. ITL is per
@@ -75,6 +78,7 @@ def summarize_level(records: list[RequestRecord], gpus: int) -> dict[str, Any]:
     cached_known = bool(known) and all(r.cached_tokens is not None for r in known)
     cached = sum(r.cached_tokens or 0 for r in known) if cached_known else None
     errors = [r.error for r in records if r.error]
+    with_tools = [r for r in ok if r.tools]
 
     def rate(n: int | None) -> float | None:
         return n * per_min_gpu if n is not None else None
@@ -99,6 +103,10 @@ def summarize_level(records: list[RequestRecord], gpus: int) -> dict[str, Any]:
         "uncached_prompt_tpm_per_gpu": rate(prompt - cached) if cached is not None else None,
         "prefix_cache_hit_rate": cached / prompt if cached is not None and prompt else None,
         "mean_prompt_tokens": prompt / len(known) if known else None,
+        "tool_requests": len(with_tools),
+        "tool_call_responses": (sum(r.finish_reason == "tool_calls" for r in with_tools)
+                                / len(with_tools)) if with_tools else None,
+        "tool_calls": sum(r.tool_calls for r in with_tools),
     }
 
 
@@ -162,14 +170,17 @@ def write_csv(path: str | Path, records: list[RequestRecord]) -> Path:
 
 
 def read_csv(path: str | Path) -> list[RequestRecord]:
-    ints = {"level", "turn", "max_tokens", "output_tokens", "prompt_tokens", "cached_tokens"}
+    ints = {"level", "turn", "max_tokens", "output_tokens", "prompt_tokens", "cached_tokens",
+            "tools", "tool_calls"}
     floats = {"start", "latency", "ttft"}
     out = []
     with Path(path).open(newline="") as f:
         for row in csv.DictReader(f):
             kw: dict[str, Any] = {}
             for c in _COLUMNS:
-                v = row[c]
+                v = row.get(c)
+                if v is None:                  # a column an older CSV lacks: its default
+                    continue
                 if c == "token_times":
                     kw[c] = [float(t) for t in v.split()]
                 elif v == "":

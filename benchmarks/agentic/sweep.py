@@ -144,7 +144,9 @@ def format_level(lv: dict[str, Any]) -> str:
             f"out TPM/GPU={_f(lv['output_tpm_per_gpu'], 1, 0)} "
             f"prompt TPM/GPU cached/uncached={_f(lv['cached_prompt_tpm_per_gpu'], 1, 0)}/"
             f"{_f(lv['uncached_prompt_tpm_per_gpu'], 1, 0)} "
-            f"hit={_f(lv['prefix_cache_hit_rate'], 100)}%")
+            f"hit={_f(lv['prefix_cache_hit_rate'], 100)}%"
+            + (f" tool_calls={_f(lv['tool_call_responses'], 100)}%"
+               if lv.get("tool_requests") else ""))
 
 
 def format_headline(summary: dict[str, Any]) -> str:

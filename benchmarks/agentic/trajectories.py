@@ -3,7 +3,9 @@
 What it is: a reader of `data/swe-agent-trajectories/*.traj` (a copy of ../shared/data;
 JSON with a `history` list of chat messages) that cuts each conversation into turns the way an agent drives a
 server: turn 0 sends the system prompt and the task; every later turn appends the tool's
-output (the observation) to the history; every turn ends with the assistant's reply. Also
+output (the observation) to the history; every turn ends with the assistant's reply (kept
+also as a `Step`: its thought, its command and any structured function calls, for
+tools.py). Also
 the token counter (the served model's tokenizer: a folder or a bare `tokenizer.json`) and
 the text corpus the workload draws its filler from. What it is not: the workload (scaling,
 sessions, JSONL: workload.py); nothing here talks to a server.
@@ -14,6 +16,7 @@ sessions, JSONL: workload.py); nothing here talks to a server.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -56,23 +59,46 @@ def load_tokenizer(path: str | Path) -> Any:
     return Tokenizer(p)
 
 
-def count_prompt(tok: Any, messages: list[dict[str, str]]) -> int:
+def count_prompt(tok: Any, messages: list[dict[str, Any]],
+                 tools: list[dict[str, Any]] | None = None) -> int:
     """Prompt tokens the server will see: the rendered chat template when the tokenizer has
-    one (what tsrun counts), else the messages' content tokens (a few tokens short)."""
+    one (what tsrun counts; with `tools`, tsrun's own rendering: the template's `tools`
+    variable, or the tools declared in the system prompt for a template without one), else
+    the messages' content tokens plus the tools' and calls' JSON (a few tokens short)."""
     if getattr(tok, "chat_template", None):
+        if tools:
+            from tscompile.runtime.server.chat import ChatTurn, render
+            return len(tok.encode(render(tok, ChatTurn(messages, tools=tools), None)))
         return len(tok.encode(tok.apply_chat_template(messages)))
-    return sum(len(tok.encode(m["content"])) for m in messages)
+    n = sum(len(tok.encode(m.get("content") or "")) for m in messages)
+    n += sum(len(tok.encode(json.dumps(c["function"]))) for m in messages
+             for c in m.get("tool_calls") or ())
+    return n + sum(len(tok.encode(json.dumps(t))) for t in tools or ())
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """What the assistant did in one reply: `thought` (its text without the command),
+    `action` (the command as SWE-agent ran it, '' when none) and `calls` (the structured
+    function calls, (name, arguments JSON text), of function-calling trajectories)."""
+    thought: str
+    action: str
+    calls: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class Trajectory:
     """One conversation's shape. `prefix`: the first turn's messages (system + task [+ demo]);
     `replies[i]`: the assistant's text ending turn i; `observations[i]`: the tool output
-    that opens turn i + 1 (len(observations) == len(replies) - 1)."""
+    that opens turn i + 1 (len(observations) == len(replies) - 1); `steps[i]`: reply i
+    split into thought, command and calls; `command_docs`: the agent's command reference
+    from the run's config (`replay_config.agent.tools.command_docs`) when it has one."""
     name: str
     prefix: tuple[dict[str, str], ...]
     replies: tuple[str, ...]
     observations: tuple[str, ...]
+    steps: tuple[Step, ...] = ()
+    command_docs: str = ""
 
     @property
     def turns(self) -> int:
@@ -92,13 +118,46 @@ def _reply(msg: dict[str, Any]) -> str:
     return text if not action or action in text else f"{text}\n{action}"
 
 
-def parse(name: str, history: list[dict[str, Any]]) -> Trajectory:
+# The command block of a thought-action reply: SWE-agent's ``` fence or its XML <command>.
+_COMMAND_BLOCK = re.compile(r"```[^\n]*\n(.*?)```|<command>\n?(.*?)</command>", re.S)
+
+
+def _step(msg: dict[str, Any]) -> Step:
+    """SWE-agent stores `thought` and `action` beside the text; without them the last
+    command block of the text is the action and the rest the thought."""
+    text = _text(msg.get("content"))
+    calls = tuple((c["function"]["name"], c["function"].get("arguments") or "{}")
+                  for c in msg.get("tool_calls") or () if c.get("function"))
+    if "action" in msg or "thought" in msg:
+        return Step((msg.get("thought") or "").strip(), (msg.get("action") or "").strip(),
+                    calls)
+    blocks = list(_COMMAND_BLOCK.finditer(text))
+    if not blocks:
+        return Step(text.strip(), "", calls)
+    last = blocks[-1]
+    action = (last.group(1) if last.group(1) is not None else last.group(2)).strip()
+    return Step((text[:last.start()] + text[last.end():]).strip(), action, calls)
+
+
+def _command_docs(run: dict[str, Any]) -> str:
+    cfg = run.get("replay_config")
+    if isinstance(cfg, str):
+        try:
+            cfg = json.loads(cfg)
+        except json.JSONDecodeError:
+            return ""
+    docs = ((cfg or {}).get("agent") or {}).get("tools", {}).get("command_docs")
+    return docs if isinstance(docs, str) else ""
+
+
+def parse(name: str, history: list[dict[str, Any]], command_docs: str = "") -> Trajectory:
     first = next((i for i, m in enumerate(history) if m["role"] == "assistant"), None)
     if first is None:
         raise ValueError(f"trajectory {name}: no assistant message, so no turn to replay")
     prefix = tuple({"role": "system" if m["role"] == "system" else "user",
                     "content": _text(m.get("content"))} for m in history[:first])
     replies: list[str] = []
+    steps: list[Step] = []
     observations: list[str] = []
     pending: list[str] = []
     for m in history[first:]:
@@ -106,10 +165,12 @@ def parse(name: str, history: list[dict[str, Any]]) -> Trajectory:
             if replies:                     # the tool output between two replies
                 observations.append("\n".join(pending))
             replies.append(_reply(m))
+            steps.append(_step(m))
             pending = []
         else:                               # tool / user observations
             pending.append(_text(m.get("content")))
-    return Trajectory(name, prefix, tuple(replies), tuple(observations))
+    return Trajectory(name, prefix, tuple(replies), tuple(observations), tuple(steps),
+                      command_docs)
 
 
 def load(directory: str | Path = DEFAULT_DIR) -> list[Trajectory]:
@@ -117,7 +178,8 @@ def load(directory: str | Path = DEFAULT_DIR) -> list[Trajectory]:
     files = sorted(d.glob("*.traj"))
     if not files:
         raise FileNotFoundError(f"no .traj files in {d} (hint: --trajectories DIR)")
-    return [parse(f.stem, json.loads(f.read_text())["history"]) for f in files]
+    runs = [(f.stem, json.loads(f.read_text())) for f in files]
+    return [parse(name, run["history"], _command_docs(run)) for name, run in runs]
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,27 @@ One session in the JSONL (after one header line):
         "new_tokens": 50000, "context_tokens": 50000},          # turn 0: the whole first prompt
        {"messages": [user(tool output)], "max_tokens": 64, ...},  # turn k: what is appended
        ...]}
+
+`tool_format="openai"` (`--tool-format openai`) makes each session a real tool-using
+conversation instead (tools.py derives the tools and calls from the trajectory):
+
+    {"id": ..., "tools": [{"type": "function", "function": {...}}, ...],  # every request
+     "turns": [
+       {"messages": [system, user], ...},                                 # turn 0 as above
+       {"messages": [assistant(content: thought, tool_calls: [{"id": "call_0_0", ...}]),
+                     tool(tool_call_id: "call_0_0", content: tool output)], ...},
+       ...]}
+
+Turn k then opens with the trajectory's own reply k - 1 (its thought and its call), so the
+client replays it instead of what the server generated (a tool message must answer the call
+before it); a reply with no command stays a plain assistant message, its observation a user
+message. Token counts: turn 0 is counted rendered with the tools (count_prompt passes them
+to tsrun's rendering), so the first-turn target includes the tools' declarations; a later
+turn's `new_tokens` is its thought + each call's JSON (name and arguments) + the tool output
++ TURN_OVERHEAD, an estimate of the template's markup around a call as in the text format
+(within 1% of the rendered count over a session on SmolLM2).
+The text format (the default) builds the same sessions as before (same lines in the JSONL:
+no `tools` key, observations as user messages; the header's config gains `tool_format`).
 """
 from __future__ import annotations
 
@@ -24,9 +45,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import tools as X
 from . import trajectories as T
 
 TURN_OVERHEAD = 8     # template tokens per appended message pair (role markers), an estimate
+TOOL_FORMATS = ("text", "openai")   # observations as user messages | tools, calls, tool msgs
+EMPTY_OUTPUT = "Your command ran successfully and did not produce any output."
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +64,7 @@ class WorkloadConfig:
     max_turns: int | None = None          # None: the trajectory's own count
     max_context_tokens: int | None = 131_072   # end a session before it outgrows this
     seed: int = 0
+    tool_format: str = "text"             # "openai": tools + tool_calls + tool messages
 
     def __post_init__(self):
         if self.sessions < 1:
@@ -52,11 +77,14 @@ class WorkloadConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {v}")
+        if self.tool_format not in TOOL_FORMATS:
+            raise ValueError(f"tool_format must be one of {', '.join(TOOL_FORMATS)}, got "
+                             f"{self.tool_format!r}")
 
 
 @dataclass(slots=True)
 class Turn:
-    messages: list[dict[str, str]]   # appended to the history at this turn
+    messages: list[dict[str, Any]]   # appended to the history at this turn
     max_tokens: int                  # the reply length to generate (ignore_eos)
     reply_tokens: int                # the trajectory's real reply length (before the cap)
     new_tokens: int                  # tokens of `messages` (turn 0: the whole rendered prompt)
@@ -68,6 +96,7 @@ class Session:
     id: str
     source: str
     turns: list[Turn] = field(default_factory=list)
+    tools: list[dict[str, Any]] | None = None   # sent with every request (tool format)
 
 
 def _filler(rng: random.Random, blocks: list[T.Block], tok: Any, n: int) -> list[int]:
@@ -80,21 +109,23 @@ def _filler(rng: random.Random, blocks: list[T.Block], tok: Any, n: int) -> list
     return tok.encode("\n\n".join(picked))
 
 
-def _fit(target: int, render, knob: int, tok: Any) -> tuple[list[dict[str, str]], int]:
+def _fit(target: int, render, knob: int, tok: Any,
+         tools: list[dict[str, Any]] | None = None) -> tuple[list[dict[str, str]], int]:
     """Adjust `knob` until render(knob) measures `target` tokens (token merges at the cut
     make each step a few tokens off; three corrections land within a handful)."""
     msgs = render(knob)
     for _ in range(3):
-        got = T.count_prompt(tok, msgs)
+        got = T.count_prompt(tok, msgs, tools)
         if got == target:
             break
         knob = max(0, knob + target - got)
         msgs = render(knob)
-    return msgs, T.count_prompt(tok, msgs)
+    return msgs, T.count_prompt(tok, msgs, tools)
 
 
 def first_turn(traj: T.Trajectory, tok: Any, target: int, blocks: list[T.Block],
-               rng: random.Random, sid: str) -> tuple[list[dict[str, str]], int]:
+               rng: random.Random, sid: str, tools: list[dict[str, Any]] | None = None
+               ) -> tuple[list[dict[str, str]], int]:
     system = "\n\n".join(m["content"] for m in traj.prefix if m["role"] == "system")
     task = "\n\n".join(m["content"] for m in traj.prefix if m["role"] == "user")
     sys_ids, task_ids = tok.encode(system), tok.encode(task)
@@ -103,7 +134,10 @@ def first_turn(traj: T.Trajectory, tok: Any, target: int, blocks: list[T.Block],
         return ([{"role": "system", "content": sys_text}] if sys_text else []) + \
                [{"role": "user", "content": user_text}]
 
-    natural = T.count_prompt(tok, msgs(system, task))
+    natural = T.count_prompt(tok, msgs(system, task), tools)
+    if tools and (floor := T.count_prompt(tok, msgs("", "x"), tools)) >= target:
+        raise ValueError(f"first_turn_tokens {target}: the tools of {traj.name} alone "
+                         f"render to {floor} tokens (hint: raise --first-turn-tokens)")
     if natural >= target:
         # Smaller than the real prompt (tiny test workloads): cut system prompt and task in
         # proportion, keeping the start of each.
@@ -112,7 +146,8 @@ def first_turn(traj: T.Trajectory, tok: Any, target: int, blocks: list[T.Block],
         def render(budget: int) -> list[dict[str, str]]:
             ns = int(budget * share)
             return msgs(tok.decode(sys_ids[:ns]), tok.decode(task_ids[:max(1, budget - ns)]))
-        return _fit(target, render, target - (natural - len(sys_ids) - len(task_ids)), tok)
+        return _fit(target, render, target - (natural - len(sys_ids) - len(task_ids)), tok,
+                    tools)
 
     head = f"Repository context (session {sid}): files and logs follow.\n\n"
     ids = _filler(rng, blocks, tok, target - natural)
@@ -120,14 +155,14 @@ def first_turn(traj: T.Trajectory, tok: Any, target: int, blocks: list[T.Block],
     def render(n: int) -> list[dict[str, str]]:
         ctx = tok.decode(ids[:n])
         return msgs(system, f"{head}{ctx}\n\n{task}")
-    return _fit(target, render, target - natural - len(tok.encode(head)) - 2, tok)
+    return _fit(target, render, target - natural - len(tok.encode(head)) - 2, tok, tools)
 
 
 def tool_output(text: str, tok: Any, cfg: WorkloadConfig, blocks: list[T.Block],
                 rng: random.Random) -> str:
     """The observation at `tool_output_scale` of its real token count (capped): cut when
     shrinking, extended with trajectory text when growing."""
-    text = text or "Your command ran successfully and did not produce any output."
+    text = text or EMPTY_OUTPUT
     ids = tok.encode(text)
     n = max(1, round(len(ids) * cfg.tool_output_scale))
     if cfg.max_tool_tokens is not None:
@@ -135,6 +170,33 @@ def tool_output(text: str, tok: Any, cfg: WorkloadConfig, blocks: list[T.Block],
     if n <= len(ids):
         return tok.decode(ids[:n])
     return text + "\n" + tok.decode(_filler(rng, blocks, tok, n - len(ids))[:n - len(ids)])
+
+
+def call_id(reply: int, j: int) -> str:
+    """Stable per session: the j-th call of reply `reply` (the trajectories' own ids repeat
+    within a run, so they are not used)."""
+    return f"call_{reply}_{j}"
+
+
+def tool_turn(step: T.Step, calls: tuple[tuple[str, dict[str, Any]], ...], reply: int,
+              obs: str, tok: Any) -> tuple[list[dict[str, Any]], int]:
+    """Turn reply + 1 of the tool format: reply `reply` as an assistant message with its
+    calls, then the observation answering them; and its estimated tokens."""
+    tool_calls = [{"id": call_id(reply, j), "type": "function",
+                   "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}}
+                  for j, (name, args) in enumerate(calls)]
+    assistant: dict[str, Any] = {"role": "assistant", "content": step.thought}
+    if tool_calls:
+        assistant["tool_calls"] = tool_calls
+    # SWE-agent runs one command per reply; a reply with several calls (none in the data)
+    # gets the observation on its first and an empty output on the others.
+    answers = [{"role": "tool", "tool_call_id": c["id"], "content": obs if j == 0 else
+                EMPTY_OUTPUT} for j, c in enumerate(tool_calls)] or \
+        [{"role": "user", "content": obs}]
+    new = len(tok.encode(step.thought)) + TURN_OVERHEAD + sum(
+        len(tok.encode(json.dumps(c["function"], ensure_ascii=False))) for c in tool_calls) + \
+        sum(len(tok.encode(m["content"])) for m in answers)
+    return [assistant, *answers], new
 
 
 def build(cfg: WorkloadConfig, tok: Any) -> list[Session]:
@@ -150,11 +212,18 @@ def build(cfg: WorkloadConfig, tok: Any) -> list[Session]:
     for i, traj in enumerate(order[:cfg.sessions]):
         srng = random.Random(f"agentic-session:{cfg.seed}:{i}")
         s = Session(id=f"s{i:04d}", source=traj.name)
+        use = X.derive(traj) if cfg.tool_format == "openai" else None
+        if use is not None:
+            s.tools = [dict(t) for t in use.tools]
         n_turns = min(traj.turns, cfg.max_turns or traj.turns)
         context = 0
         for k in range(n_turns):
             if k == 0:
-                messages, new = first_turn(traj, tok, cfg.first_turn_tokens, blocks, srng, s.id)
+                messages, new = first_turn(traj, tok, cfg.first_turn_tokens, blocks, srng, s.id,
+                                           s.tools)
+            elif use is not None:
+                obs = tool_output(traj.observations[k - 1], tok, cfg, blocks, srng)
+                messages, new = tool_turn(traj.steps[k - 1], use.calls[k - 1], k - 1, obs, tok)
             else:
                 obs = tool_output(traj.observations[k - 1], tok, cfg, blocks, srng)
                 messages = [{"role": "user", "content": obs}]
@@ -166,7 +235,9 @@ def build(cfg: WorkloadConfig, tok: Any) -> list[Session]:
                 break                          # the agent would have hit the context limit
             context += new
             s.turns.append(Turn(messages, max_tokens, reply, new, context))
-            context += max_tokens              # the reply joins the history
+            if use is None:
+                context += max_tokens          # the reply joins the history (tool format:
+                                               # the trajectory's, in the next turn's `new`)
         sessions.append(s)
     return sessions
 
@@ -180,7 +251,10 @@ def save(path: str | Path, sessions: list[Session], cfg: WorkloadConfig | None =
                   "config": asdict(cfg) if cfg else None}
         f.write(json.dumps({"header": header}) + "\n")
         for s in sessions:
-            f.write(json.dumps(asdict(s)) + "\n")
+            d = asdict(s)
+            if d["tools"] is None:             # the text format's lines stay as they were
+                del d["tools"]
+            f.write(json.dumps(d) + "\n")
     return path
 
 
@@ -197,7 +271,8 @@ def load(path: str | Path) -> tuple[dict[str, Any], list[Session]]:
         if "turns" not in d:
             raise ValueError(f"{path}:{i + 1}: not a session (no 'turns'); "
                              f"hint: make it with `python -m benchmarks.agentic make-workload`")
-        sessions.append(Session(d["id"], d["source"], [Turn(**t) for t in d["turns"]]))
+        sessions.append(Session(d["id"], d["source"], [Turn(**t) for t in d["turns"]],
+                                d.get("tools")))
     if not sessions:
         raise ValueError(f"{path}: no sessions")
     return header, sessions
@@ -214,4 +289,6 @@ def describe(sessions: list[Session]) -> dict[str, Any]:
     return {"sessions": len(sessions), "requests": sum(turns), "turns_mean": mean(turns),
             "turns_max": max(turns), "first_turn_tokens_mean": mean(first),
             "appended_tokens_mean": mean(follow), "max_tokens_mean": mean(out),
-            "last_context_tokens_mean": mean(last)}
+            "last_context_tokens_mean": mean(last),
+            **({"tools_mean": mean([len(s.tools) for s in sessions if s.tools])}
+               if any(s.tools for s in sessions) else {})}
