@@ -142,6 +142,11 @@ class FakeEngine(threading.Thread):
                     continue
                 a.next_at = now + 0.05
                 p = a.req.params
+                if a.error and a.sent >= 2:      # its two tokens went out in earlier steps
+                    outs.append(RequestOutput(rid, finish_reason="error",
+                                              error="fake engine failure"))
+                    del active[rid]
+                    continue
                 ids, lps, finish = [], [], None
                 for _ in range(1 if a.slow else 1 + step % 2):
                     tok = self._token(a)
@@ -152,8 +157,8 @@ class FakeEngine(threading.Thread):
                                  lp - j) for j in range(p.top_logprobs))
                     lps.append(TokenLogprob(tok, lp, top))
                     if a.error and a.sent >= 2:
-                        finish = "error"
-                    elif tok in p.stop_token_ids or (tok == self.eos and not p.ignore_eos):
+                        break
+                    if tok in p.stop_token_ids or (tok == self.eos and not p.ignore_eos):
                         finish = "stop"
                     elif a.sent >= p.max_tokens:
                         finish = "length"
@@ -167,13 +172,8 @@ class FakeEngine(threading.Thread):
                     self.totals["prompt"] += len(a.req.prompt_ids) - cached
                     self.totals["hit"] += cached
                 self.totals["generation"] += len(ids)
-                if finish == "error":
-                    outs.append(RequestOutput(rid, finish_reason="error",
-                                              error="fake engine failure", **extra))
-                else:
-                    outs.append(RequestOutput(rid, tuple(ids),
-                                              tuple(lps) if p.logprobs else (), finish,
-                                              **extra))
+                outs.append(RequestOutput(rid, tuple(ids), tuple(lps) if p.logprobs else (),
+                                          finish, **extra))
                 if finish:
                     del active[rid]
             stats = EngineStats(running=len(active), waiting=0, kv_blocks_total=100,
