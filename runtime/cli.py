@@ -13,9 +13,27 @@ import sys
 
 from tscompile.runtime.engine import EngineConfig
 from tscompile.runtime.serve import ServeConfig
+from tscompile.runtime.step_model import StepTimeModel
 
 _E = EngineConfig()
 _S = ServeConfig(program="-", dummy_weights=True)
+
+
+def _step_model(path: str) -> StepTimeModel:
+    try:
+        return StepTimeModel.load(path)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def _token_buckets(text: str) -> tuple[int, ...]:
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated token counts or 'none', got {text!r}") from None
 
 
 def parse(argv: list[str] | None = None) -> ServeConfig:
@@ -53,10 +71,28 @@ def parse(argv: list[str] | None = None) -> ServeConfig:
                    help="seconds a finished session's prefix stays pinned in the KV cache")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--enforce-eager", action="store_true",
-                   help="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
+                   help="CUDA: run every step eagerly instead of replaying CUDA graphs")
     p.add_argument("--max-graph-batch", type=int, default=_E.max_graph_batch,
                    help="largest decode batch captured in a CUDA graph (default: "
                         "--max-num-seqs); larger decode batches run eagerly")
+    p.add_argument("--graph-prefill-buckets", type=_token_buckets,
+                   default=_E.graph_prefill_tokens, metavar="N,N,...|none",
+                   help="prefill token counts of the captured mixed (decodes + chunks) and "
+                        "prefill step graphs (default: powers of two from 16 up to "
+                        "min(--max-num-batched-tokens, 4096)); 'none': decode graphs only")
+    p.add_argument("--decode-floor-tps", type=float, default=_E.decode_floor_tps,
+                   metavar="TPS",
+                   help="decode speed every decoding request keeps (tokens/s): each step's "
+                        "prefill tokens are sized from a step-time model (profiled at "
+                        "start-up unless --step-time-model) so the step meets 1/TPS; 0: no "
+                        "floor. A request's x-decode-floor header sets its own")
+    p.add_argument("--step-time-model", type=_step_model, metavar="FILE.json",
+                   help="the step-time model (JSON: base, per_decode, per_kv_token, "
+                        "prefill_base, per_prefill_token, per_prefill_attn, in seconds) "
+                        "instead of the start-up profile; also enables x-decode-floor")
+    p.add_argument("--profile-step-time", action="store_true",
+                   help="profile the step-time model at start-up even without "
+                        "--decode-floor-tps, so requests' x-decode-floor headers are honoured")
     p.add_argument("--threads-per-rank", type=int, help="CPU threads per rank process")
     p.add_argument("--shutdown-grace", type=float, default=_S.shutdown_grace_s,
                    help="seconds in-flight requests get to finish after SIGTERM (a second "
@@ -73,7 +109,9 @@ def parse(argv: list[str] | None = None) -> ServeConfig:
         kv_cache_tokens=a.kv_cache_tokens, kv_memory_fraction=a.kv_memory_fraction,
         session_ttl=a.session_ttl, enable_prefix_caching=not a.no_prefix_caching,
         kv_cache_dtype=a.kv_cache_dtype, enforce_eager=a.enforce_eager,
-        max_graph_batch=a.max_graph_batch)
+        max_graph_batch=a.max_graph_batch, graph_prefill_tokens=a.graph_prefill_buckets,
+        decode_floor_tps=a.decode_floor_tps, step_time_model=a.step_time_model,
+        profile_step_time=a.profile_step_time)
     return ServeConfig(program=a.program, weights=a.weights, dummy_weights=a.dummy_weights,
                        seed=a.seed, tokenizer=a.tokenizer, device=a.device, dtype=a.dtype,
                        host=a.host, port=a.port, api_key=a.api_key,

@@ -1,27 +1,48 @@
-"""CUDA graphs for decode steps: capture the compiled program once per batch bucket, replay.
+"""CUDA graphs for engine steps: decodes, decodes + prefill chunks, and prefill chunks alone.
 
-What it is: `DecodeGraphs`, which owns static input buffers sized for the largest bucket
-(token ids, positions, slots, sequence lengths, block tables at the full max_model_len
-width), captures the program for every bucket size at start-up (largest first, one memory
-pool), and replays the smallest bucket that holds a pure-decode step: a 36-layer model's
-hundreds of kernel launches become one. `run_step` is the one forward call the engine and
-the follower ranks use: a graph for the steps it covers, the program eagerly for the rest
-(prefill chunks and mixed steps, whose token counts vary without bound).
+What it is: `StepGraphs`, which owns static input buffers sized for the largest bucket,
+captures the compiled program once per bucket at start-up (largest first, one memory pool),
+and replays the smallest bucket that holds a step: a 36-layer model's hundreds of kernel
+launches become one, for every step shape the scheduler plans inside the buckets. Also
+`plan_bucket` (which bucket a step pads into, or why none: pure host logic, tested on the
+CPU) and `run_step`, the one forward call the engine and the follower ranks use.
 What it is not: the scheduler or the sampler (they run outside the graph), or a fallback:
-a capture that fails raises and names `--enforce-eager`.
+a capture that fails raises and names `--enforce-eager`. A step no bucket holds runs the
+program eagerly and is counted (`eager_steps`, `tsrun_eager_steps_total`), never hidden.
 
-Padding: a step of B decodes runs in bucket b >= B. Rows B..b-1 are padding: token 0 at
-position 0, context length 1, block table [scratch, ...] and slot `scratch * page_size`,
-where `scratch` is one KV block beyond the scheduler's pool (`num_blocks`): padding writes
-and reads only that block, so no live sequence's cache is touched (kernels/paged.py).
-The split-KV decode kernels size their grid from the block-table width, which here is the
-full max_model_len, so the same graph serves every context length.
+Buckets are pairs (d, p): d decode rows (0 or a decode batch size) and p prefill tokens (0 or
+a prefill token size). A step of D decodes and chunks of P tokens in total replays the
+smallest (d >= D, p >= P) bucket. Layout of a bucket, rows in the kernels' order (decodes
+first, kernels/paged.py):
+
+    sequences: [D real decodes | d - D padding decodes | chunks ... | padding chunk | empty ...]
+               |<------------ d ------------>|<------------ max_prefill_seqs ------------>|
+    tokens:    [D decode tokens | d - D pad  | the chunks' P tokens | p - P pad tokens ]
+
+* a padding decode: token 0 at position 0, context length 1, block table [scratch, ...];
+* the padding chunk holds the p - P padding tokens as one sequence of that length whose
+  block table is all `scratch` (positions 0..p-P-1, so it writes and reads only the scratch
+  block, whatever the aliasing of its positions onto that one block);
+* an empty sequence has no query tokens and context length 0 (the prefill kernels skip it).
+
+`scratch` is one KV block beyond the scheduler's pool (`num_blocks`): padding never touches a
+live sequence's cache. The decode kernels size their split grid from the block-table width,
+the prefill kernel its grid from the token and sequence counts: with the full max_model_len
+width and the bucket's counts, the grids depend on the bucket only. Every bucket returns the
+logits of every sequence's last token into one static buffer; the rows the step samples are
+gathered from it after the replay.
+
+Mixed buckets need a prefill attention that never reads lengths back to the host. The GQA
+prefill kernel does not; the MLA prefill (kernels/triton/mla.py) sizes its expanded context
+from the chunks' lengths on the host, so a program with MLA layers captures decode buckets
+only, and its steps that carry chunks run eagerly, counted.
 """
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,6 +53,9 @@ from tscompile.runtime.step_io import StepInputs
 log = logging.getLogger(__name__)
 
 Forward = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
+
+MAX_PREFILL_SEQS = 8          # chunk slots of a mixed bucket (one of them may be padding)
+MAX_PREFILL_BUCKET = 4096     # default largest prefill bucket (tokens)
 
 
 def bucket_sizes(max_batch: int) -> tuple[int, ...]:
@@ -47,105 +71,246 @@ def bucket_sizes(max_batch: int) -> tuple[int, ...]:
     return tuple(sizes) + (max_batch,)
 
 
-class DecodeGraphs:
+def prefill_bucket_sizes(max_tokens: int, smallest: int = 16) -> tuple[int, ...]:
+    """Powers of two from `smallest` below `max_tokens`, then `max_tokens` itself: a chunk
+    pads by less than 2x, and the capture count grows with log2 of the budget."""
+    if max_tokens < 1:
+        raise ValueError(f"CUDA-graph prefill bucket must be >= 1 token, got {max_tokens}")
+    sizes, s = [], smallest
+    while s < max_tokens:
+        sizes.append(s)
+        s *= 2
+    return tuple(sizes) + (max_tokens,)
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    decodes: int             # d: decode rows
+    prefill: int             # p: prefill tokens (0: a pure-decode bucket)
+
+    @property
+    def num_seqs(self) -> int:
+        return self.decodes + (MAX_PREFILL_SEQS if self.prefill else 0)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.decodes + self.prefill
+
+
+def plan_bucket(step: StepInputs, decode_sizes: Sequence[int], prefill_sizes: Sequence[int],
+                max_blocks: int) -> tuple[Bucket | None, str]:
+    """The smallest bucket that holds `step`, or (None, why not). Sizes sorted ascending;
+    empty `prefill_sizes`: decode buckets only."""
+    m = step.meta
+    nd, n = m.num_decodes, m.num_seqs
+    chunks, prefill = n - nd, step.input_ids.numel() - nd
+    if n == 0:
+        return None, "an empty step"
+    if m.block_tables.shape[1] > max_blocks:
+        return None, (f"a block table of {m.block_tables.shape[1]} blocks is wider than the "
+                      f"graphs' {max_blocks}")
+    if nd > (decode_sizes[-1] if decode_sizes else 0):
+        return None, f"{nd} decodes > the largest decode bucket {decode_sizes[-1]}"
+    d = next((s for s in decode_sizes if s >= nd), 0) if nd else 0
+    if not chunks:
+        return Bucket(d, 0), ""
+    if not prefill_sizes:
+        return None, "a step with prefill chunks (this program has decode graphs only)"
+    if prefill > prefill_sizes[-1]:
+        return None, f"{prefill} prefill tokens > the largest prefill bucket {prefill_sizes[-1]}"
+    p = next(s for s in prefill_sizes if s >= prefill)
+    if chunks + (p > prefill) > MAX_PREFILL_SEQS:
+        return None, (f"{chunks} prefill chunks (+ padding) > the {MAX_PREFILL_SEQS} chunk "
+                      f"slots of a mixed bucket")
+    return Bucket(d, p), ""
+
+
+class StepGraphs:
     def __init__(self, forward: Forward, *, max_batch: int, max_blocks: int, page_size: int,
                  scratch_block: int, device: torch.device | str,
-                 sizes: Sequence[int] | None = None, capture: bool = True):
-        """`capture=False` replays nothing and runs `forward` on the padded static buffers
+                 sizes: Sequence[int] | None = None,
+                 prefill_sizes: Sequence[int] = (), capture: bool = True):
+        """`sizes`: decode batch buckets (default bucket_sizes(max_batch)); `prefill_sizes`:
+        prefill token buckets of the mixed and pure-prefill graphs (empty: decode graphs
+        only); each must fit the block table (<= max_blocks * page_size tokens).
+        `capture=False` replays nothing and runs `forward` on the padded static buffers
         instead: the padding path without a GPU (tests), never a serving mode."""
         self.forward, self.page_size = forward, page_size
         self.device = torch.device(device)
         self.sizes = tuple(sorted(sizes or bucket_sizes(max_batch)))
+        self.prefill_sizes = tuple(sorted(prefill_sizes))
+        if self.prefill_sizes and self.prefill_sizes[-1] > max_blocks * page_size:
+            raise ValueError(f"prefill bucket of {self.prefill_sizes[-1]} tokens exceeds the "
+                             f"block table ({max_blocks} blocks of {page_size})")
         self.max_batch, self.max_blocks = self.sizes[-1], max_blocks
         self.scratch = scratch_block
         if capture and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, got {self.device}")
-        n, dev = self.max_batch, self.device
+        self.buckets = [Bucket(d, 0) for d in self.sizes] + [
+            Bucket(d, p) for d in (0,) + self.sizes for p in self.prefill_sizes]
+        n = max(b.num_tokens for b in self.buckets)
+        s = max(b.num_seqs for b in self.buckets)
+        dev = self.device
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
         self.slot_mapping = torch.full((n,), scratch_block * page_size, dtype=torch.int64,
                                        device=dev)
-        self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
-        self.block_tables = torch.full((n, max_blocks), scratch_block, dtype=torch.int32,
+        self.seq_lens = torch.ones(s, dtype=torch.int32, device=dev)
+        self.block_tables = torch.full((s, max_blocks), scratch_block, dtype=torch.int32,
                                        device=dev)
-        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
-        self.logits_indices = torch.arange(n, dtype=torch.int64, device=dev)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.query_start_loc = torch.arange(s + 1, dtype=torch.int32, device=dev)
+        self.logits_indices = torch.arange(s, dtype=torch.int64, device=dev)
+        self.logits: torch.Tensor | None = None       # [s, V]: every bucket's output rows
+        self.graphs: dict[Bucket, torch.cuda.CUDAGraph] = {}
         self.replays = 0
+        self.eager_steps = 0
         if capture:
             self._capture()
 
-    def _meta(self, b: int) -> AttentionMetadata:
-        return AttentionMetadata(self.query_start_loc[: b + 1], self.seq_lens[:b],
-                                 self.block_tables[:b], self.slot_mapping[:b],
-                                 self.logits_indices[:b], num_decodes=b)
+    def _meta(self, b: Bucket) -> AttentionMetadata:
+        s, t = b.num_seqs, b.num_tokens
+        return AttentionMetadata(self.query_start_loc[: s + 1], self.seq_lens[:s],
+                                 self.block_tables[:s], self.slot_mapping[:t],
+                                 self.logits_indices[:s], num_decodes=b.decodes)
 
-    def _run(self, b: int) -> torch.Tensor:
-        return self.forward(self.input_ids[:b], self.positions[:b], self._meta(b))
+    def _run(self, b: Bucket) -> torch.Tensor:
+        """The program on bucket b's buffers; its logits [num_seqs, V] into `self.logits`."""
+        t = b.num_tokens
+        out = self.forward(self.input_ids[:t], self.positions[:t], self._meta(b))
+        if self.logits is None:
+            rows = max(x.num_seqs for x in self.buckets)
+            self.logits = out.new_empty(rows, out.shape[-1])
+        self.logits[: b.num_seqs].copy_(out)
+        return self.logits[: b.num_seqs]
+
+    def _fill_idle(self, b: Bucket) -> None:
+        """Bucket b's buffers as a step of padding only (for warm-up and capture)."""
+        self._fill(b, StepInputs(torch.zeros(0, dtype=torch.int64),
+                                 torch.zeros(0, dtype=torch.int64),
+                                 AttentionMetadata(torch.zeros(1, dtype=torch.int32),
+                                                   torch.zeros(0, dtype=torch.int32),
+                                                   torch.zeros(0, 1, dtype=torch.int32),
+                                                   torch.zeros(0, dtype=torch.int64),
+                                                   torch.zeros(0, dtype=torch.int64), 0)))
 
     def _capture(self) -> None:
         t0 = time.perf_counter()
         free0 = torch.cuda.mem_get_info(self.device)[0]
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
-        for b in reversed(self.sizes):            # largest first: later ones reuse its pool
+        # Largest first: later ones reuse its pool.
+        for b in sorted(self.buckets, key=lambda x: (x.num_tokens, x.num_seqs), reverse=True):
             try:
+                self._fill_idle(b)
                 stream.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(stream):
                     self._run(b)                  # compile/autotune outside the capture
                 torch.cuda.current_stream(self.device).wait_stream(stream)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    self.outputs[b] = self._run(b)
+                    self._run(b)
             except Exception as e:
-                raise RuntimeError(f"CUDA-graph capture of the decode step at batch {b} "
-                                   f"failed ({type(e).__name__}: {e}); an op in the program "
-                                   f"is not capturable. Serve with --enforce-eager.") from e
+                raise RuntimeError(f"CUDA-graph capture of the step bucket ({b.decodes} "
+                                   f"decodes, {b.prefill} prefill tokens) failed "
+                                   f"({type(e).__name__}: {e}); an op in the program is not "
+                                   f"capturable. Serve with --enforce-eager.") from e
             self.graphs[b] = graph
         torch.cuda.synchronize(self.device)
         used = (free0 - torch.cuda.mem_get_info(self.device)[0]) / 2**20
-        log.info("captured %d decode CUDA graphs (batch %s) in %.1f s, %.0f MiB",
-                 len(self.sizes), ",".join(map(str, self.sizes)), time.perf_counter() - t0,
-                 used)
+        log.info("captured %d step CUDA graphs in %.1f s, %.0f MiB: decode batches %s; "
+                 "prefill tokens %s (with 0 or those decode batches)", len(self.graphs),
+                 time.perf_counter() - t0, used, ",".join(map(str, self.sizes)),
+                 ",".join(map(str, self.prefill_sizes)) or "none")
 
-    def covers(self, step: StepInputs) -> bool:
-        m = step.meta
-        b = m.num_seqs
-        return (0 < b <= self.max_batch and m.num_decodes == b and step.input_ids.numel() == b
-                and m.logits_indices.numel() == b and m.block_tables.shape[1] <= self.max_blocks)
+    def bucket(self, step: StepInputs) -> tuple[Bucket | None, str]:
+        """The bucket `step` replays in, or (None, why it runs eagerly)."""
+        return plan_bucket(step, self.sizes, self.prefill_sizes, self.max_blocks)
 
-    def __call__(self, step: StepInputs) -> torch.Tensor:
-        """Logits [B, V] of a pure-decode step (see `covers`); valid until the next call."""
+    def _fill(self, b: Bucket, step: StepInputs) -> np.ndarray:
+        """Write `step`, padded to bucket b, into the static buffers; returns the bucket
+        rows of the step's logits (the sequences it samples, in order)."""
         m = step.meta
-        b = m.num_seqs
-        bucket = next(s for s in self.sizes if s >= b)
-        pad = bucket - b
+        nd, n = m.num_decodes, m.num_seqs
+        ps, scratch = self.page_size, self.scratch
         ids, pos = step.input_ids.cpu().numpy(), step.positions.cpu().numpy()
         slots, lens = m.slot_mapping.cpu().numpy(), m.seq_lens.cpu().numpy()
-        tables = m.block_tables.cpu().numpy()
+        qsl, tables = m.query_start_loc.cpu().numpy(), m.block_tables.cpu().numpy()
+        lidx = m.logits_indices.cpu().numpy()
+        t_real, s, t = ids.shape[0], b.num_seqs, b.num_tokens
+        d, chunks = b.decodes, n - nd
+        # Tokens: decodes, decode padding, the chunks, the padding chunk.
+        tok_src = np.concatenate([np.arange(nd), np.full(d - nd, -1), np.arange(nd, t_real),
+                                  np.full(t - d - (t_real - nd), -1)]).astype(np.int64)
+        real, src = tok_src >= 0, np.maximum(tok_src, 0)
+        pad_chunk = t - d - (t_real - nd)
+
+        def take(a: np.ndarray, fill: int) -> np.ndarray:   # (an idle step has no tokens)
+            return np.where(real, a[src], fill) if a.size else np.full(t, fill, np.int64)
+        b_ids, b_pos, b_slots = take(ids, 0), take(pos, 0), take(slots, scratch * ps)
+        if pad_chunk:
+            b_pos[t - pad_chunk:] = np.arange(pad_chunk)
+            b_slots[t - pad_chunk:] = scratch * ps + np.arange(pad_chunk) % ps
+        # Sequences: query lengths, context lengths, block tables.
+        q = np.diff(qsl)
+        b_q = np.zeros(s, np.int64)
+        b_lens = np.zeros(s, np.int32)
+        b_q[:nd], b_lens[:nd] = 1, lens[:nd]
+        b_q[nd:d], b_lens[nd:d] = 1, 1                      # padding decodes
+        b_q[d:d + chunks], b_lens[d:d + chunks] = q[nd:], lens[nd:]
+        if pad_chunk:
+            b_q[d + chunks], b_lens[d + chunks] = pad_chunk, pad_chunk
+        b_qsl = np.zeros(s + 1, np.int32)
+        np.cumsum(b_q, out=b_qsl[1:])
         mb = tables.shape[1]
-        table = np.full((bucket, mb), self.scratch, np.int32)
-        table[:b] = tables
-        self.input_ids[:bucket].copy_(torch.from_numpy(np.pad(ids, (0, pad))))
-        self.positions[:bucket].copy_(torch.from_numpy(np.pad(pos, (0, pad))))
-        self.slot_mapping[:bucket].copy_(torch.from_numpy(
-            np.pad(slots, (0, pad), constant_values=self.scratch * self.page_size)))
-        self.seq_lens[:bucket].copy_(torch.from_numpy(np.pad(lens, (0, pad),
-                                                             constant_values=1)))
-        self.block_tables[:bucket, :mb].copy_(torch.from_numpy(table))
+        rows = np.concatenate([np.arange(nd), np.arange(nd, n) - nd + d]).astype(np.int64)
+        width = max(mb, -(-pad_chunk // ps), 1)
+        b_tables = np.full((s, width), scratch, np.int32)
+        b_tables[rows, :mb] = tables
+        # The step's logits rows: sequence of each index (its last token), as a bucket row.
+        last = qsl[1:] - 1
+        seq_of = np.searchsorted(last, lidx)
+        if lidx.size and ((seq_of >= n).any() or (last[np.minimum(seq_of, n - 1)] != lidx).any()):
+            raise ValueError("StepGraphs: logits_indices must be last tokens of sequences")
+        b_lidx = np.maximum(b_qsl[1:].astype(np.int64) - 1, 0)
+        t64 = torch.from_numpy
+        self.input_ids[:t].copy_(t64(b_ids))
+        self.positions[:t].copy_(t64(b_pos))
+        self.slot_mapping[:t].copy_(t64(b_slots))
+        self.seq_lens[:s].copy_(t64(b_lens))
+        self.query_start_loc[: s + 1].copy_(t64(b_qsl))
+        self.block_tables[:s, :width].copy_(t64(b_tables))
+        self.logits_indices[:s].copy_(t64(b_lidx))
+        return rows[seq_of]
+
+    def __call__(self, step: StepInputs, b: Bucket | None = None) -> torch.Tensor:
+        """Logits [S, V] of a step some bucket holds (see `bucket`), S its logits rows."""
+        b = b or self.bucket(step)[0]
+        if b is None:
+            raise ValueError(f"StepGraphs: no bucket holds this step ({self.bucket(step)[1]})")
+        sel = self._fill(b, step)
         self.replays += 1
-        if bucket not in self.graphs:             # capture=False: the padded eager run
-            return self._run(bucket)[:b]
-        self.graphs[bucket].replay()
-        return self.outputs[bucket][:b]
+        if b not in self.graphs:                  # capture=False: the padded eager run
+            out = self._run(b)
+        else:
+            self.graphs[b].replay()
+            out = self.logits[: b.num_seqs]
+        if (sel == np.arange(sel.shape[0])).all():          # decodes only: no gather
+            return out[: sel.shape[0]]
+        return out[torch.from_numpy(sel).to(out.device)]
 
 
-def run_step(forward: Forward, graphs: DecodeGraphs | None, step: StepInputs,
+def run_step(forward: Forward, graphs: StepGraphs | None, step: StepInputs,
              device: torch.device) -> torch.Tensor:
-    """The rank's forward for one step: a captured graph when it covers the step, else the
-    program eagerly on the step's tensors moved to `device`."""
-    if graphs is not None and graphs.covers(step):
-        return graphs(step)
+    """The rank's forward for one step: a captured graph when a bucket holds the step, else
+    the program eagerly on the step's tensors moved to `device` (counted in
+    `graphs.eager_steps`, and logged at the 1st, 2nd, 4th, 8th, ... such step)."""
+    if graphs is not None:
+        b, why = graphs.bucket(step)
+        if b is not None:
+            return graphs(step, b)
+        graphs.eager_steps += 1
+        k = graphs.eager_steps
+        if k & (k - 1) == 0:
+            log.info("eager step #%d (no CUDA-graph bucket holds it: %s)", k, why)
     step = step.to(device)
     return forward(step.input_ids, step.positions, step.meta)

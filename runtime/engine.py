@@ -28,13 +28,14 @@ import torch.distributed as dist
 from tscompile.runtime._scheduler import (
     FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, Scheduler,
 )
-from tscompile.runtime.cuda_graphs import run_step
+from tscompile.runtime.cuda_graphs import MAX_PREFILL_BUCKET, prefill_bucket_sizes, run_step
 from tscompile.runtime.grammar import GrammarCompiler, GrammarMatcher
 from tscompile.runtime.kv_cache import bind_rank, kv_blocks
 from tscompile.runtime.program import RankProgram
 from tscompile.runtime.protocol import AddRequest, EngineStats, RequestOutput, SamplingParams
 from tscompile.runtime.sampler import BatchSampler, SampleResult
 from tscompile.runtime.step_io import StepInputs, broadcast_step
+from tscompile.runtime.step_model import StepTimeModel, profile
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,17 @@ class EngineConfig:
     session_ttl: float = 60.0            # seconds a finished session's prefix stays pinned
     enable_prefix_caching: bool = True
     kv_cache_dtype: str = "auto"         # "auto" (the model's dtype) or "fp8" (e4m3, scale 1)
-    enforce_eager: bool = False          # CUDA: no decode CUDA graphs
+    enforce_eager: bool = False          # CUDA: no step CUDA graphs
     max_graph_batch: int | None = None   # largest captured decode batch (default max_num_seqs)
+    graph_prefill_tokens: tuple[int, ...] | None = None   # prefill token buckets of the
+                                         # mixed / prefill graphs (default: powers of two up
+                                         # to min(max_num_batched_tokens, 4096); (): none)
+    decode_floor_tps: float = 0.0        # tokens/s every decoding request keeps (0: none);
+                                         # per request: AddRequest.decode_floor_tps
+    step_time_model: StepTimeModel | None = None   # what the floor planner sizes steps by
+                                         # (None: profiled at start-up when a floor can apply)
+    profile_step_time: bool = False      # profile a model even with no default floor (so
+                                         # per-request floors are honoured)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size"):
@@ -81,6 +91,13 @@ class EngineConfig:
             raise ValueError(f"--max-graph-batch must be in [1, --max-num-seqs = "
                              f"{self.max_num_seqs}], got {self.max_graph_batch}")
 
+        if not (self.decode_floor_tps >= 0 and np.isfinite(self.decode_floor_tps)):
+            raise ValueError(f"--decode-floor-tps must be a finite number >= 0, "
+                             f"got {self.decode_floor_tps}")
+        if self.graph_prefill_tokens is not None and any(
+                t < 1 for t in self.graph_prefill_tokens):
+            raise ValueError(f"--graph-prefill-buckets must be positive token counts, "
+                             f"got {list(self.graph_prefill_tokens)}")
         cap = self.max_tokens_with_decodes
         if cap is not None and not 1 <= cap <= self.max_num_batched_tokens:
             raise ValueError(f"--max-tokens-with-decodes must be in [1, --max-num-batched-tokens"
@@ -88,6 +105,15 @@ class EngineConfig:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"--kv-cache-dtype must be one of {sorted(KV_CACHE_DTYPES)}, "
                              f"got {self.kv_cache_dtype!r}")
+
+    def prefill_buckets(self, max_model_len: int) -> tuple[int, ...]:
+        """The prefill token buckets the step graphs capture (each <= max_model_len)."""
+        if self.graph_prefill_tokens is not None:
+            sizes = sorted(set(self.graph_prefill_tokens))
+        else:
+            sizes = list(prefill_bucket_sizes(min(self.max_num_batched_tokens,
+                                                  MAX_PREFILL_BUCKET)))
+        return tuple(s for s in sizes if s <= max_model_len)
 
     def model_len(self, max_position_embeddings: int | None) -> int:
         return self.max_model_len or max_position_embeddings or 4096
@@ -151,16 +177,41 @@ class Engine:
         log.info("KV pool: %d blocks of %d tokens (%d tokens, %.1f GiB on this rank)",
                  self.num_blocks, cfg.page_size, self.num_blocks * cfg.page_size,
                  kv_bytes / 2**30)
+        self.step_model, self.step_samples = cfg.step_time_model, []
+        if self.step_model is None and (cfg.decode_floor_tps > 0 or cfg.profile_step_time):
+            self.step_model, self.step_samples = self.profile_step_time()
         self.sched = Scheduler(
             num_blocks=self.num_blocks, page_size=cfg.page_size, max_num_seqs=cfg.max_num_seqs,
             max_num_batched_tokens=cfg.max_num_batched_tokens, max_model_len=self.max_model_len,
             session_ttl=cfg.session_ttl, enable_prefix_caching=cfg.enable_prefix_caching,
-            max_tokens_with_decodes=cfg.max_tokens_with_decodes or 0)
+            max_tokens_with_decodes=cfg.max_tokens_with_decodes or 0,
+            decode_floor_tps=cfg.decode_floor_tps,
+            step_model=self.step_model.to_dict() if self.step_model else None)
         self.block_table = self.sched.block_table
         self.sampler = BatchSampler(cfg.max_num_seqs, vocab_size, self.device)
         self.live: dict[int, _Live] = {}     # scheduler key -> request
         self.keys: dict[str, int] = {}       # API request id -> scheduler key
         self._next_key = 0
+        self.steps_run = 0                   # forward steps, graphed or eager
+
+    def profile_step_time(self) -> tuple[StepTimeModel, list]:
+        """Time this rank's real steps (graphs where a bucket holds them; the other ranks
+        follow the broadcast steps) over the engine's limits and fit the step-time model.
+        Runs before any request: it writes only KV blocks no request holds yet."""
+        cfg = self.cfg
+        prefill = cfg.max_tokens_with_decodes or cfg.max_num_batched_tokens
+
+        def run(step: StepInputs) -> torch.Tensor:
+            broadcast_step(step)
+            return run_step(self.program, self.graphs, step, self.device)
+
+        model, samples = profile(run, max_decodes=cfg.max_num_seqs, max_prefill=prefill,
+                                 max_context=self.max_model_len, page_size=cfg.page_size,
+                                 num_blocks=self.num_blocks, vocab_size=self.vocab_size,
+                                 device=self.device)
+        if self.graphs is not None:             # the profile is not serving
+            self.graphs.replays = self.graphs.eager_steps = 0
+        return model, samples
 
     # -------------------------------------------------------------- requests in and out
 
@@ -181,6 +232,12 @@ class Engine:
         if len(req.prompt_ids) >= self.max_model_len:
             return error(f"prompt of {len(req.prompt_ids)} tokens does not fit max_model_len "
                          f"{self.max_model_len}")
+        if req.decode_floor_tps and self.step_model is None:
+            return error("decode floor: this engine has no step-time model to keep a floor "
+                         "with (start tsrun with --decode-floor-tps or --step-time-model)")
+        if not (req.decode_floor_tps >= 0 and np.isfinite(req.decode_floor_tps)):
+            return error(f"decode floor must be a finite number >= 0, "
+                         f"got {req.decode_floor_tps}")
         matcher = None
         if p.grammar is not None:
             if self.grammar is None:
@@ -194,7 +251,8 @@ class Engine:
         key = self._next_key
         self._next_key += 1
         self.sched.add_request(key, np.asarray(req.prompt_ids, np.int32), p.max_tokens,
-                               list(stop), req.session_id or "", req.arrival)
+                               list(stop), req.session_id or "", req.arrival,
+                               req.decode_floor_tps)
         self.live[key] = _Live(req.rid, p, tuple(req.prompt_ids), grammar=matcher)
         self.keys[req.rid] = key
         return None
@@ -236,7 +294,14 @@ class Engine:
                            prefix_hit_tokens=s["prefix_hit_tokens"],
                            prompt_tokens=s["prompt_tokens"],
                            generation_tokens=s["generated_tokens"],
-                           preemptions=s["preemptions"])
+                           preemptions=s["preemptions"], steps=self.steps_run,
+                           eager_steps=self.eager_steps)
+
+    @property
+    def eager_steps(self) -> int:
+        """Forward steps that ran the program eagerly (no CUDA-graph bucket held them,
+        or there are no graphs: the CPU, --enforce-eager)."""
+        return self.graphs.eager_steps if self.graphs is not None else self.steps_run
 
     # -------------------------------------------------------------- one step
 
@@ -272,6 +337,7 @@ class Engine:
     def _forward_and_sample(self, plan: dict) -> tuple[list[int], SampleResult]:
         inputs = StepInputs.from_plan(plan, self.block_table, self.cfg.page_size)
         broadcast_step(inputs)
+        self.steps_run += 1
         logits = run_step(self.program, self.graphs, inputs, self.device)
         rows = plan["sample"] == 1
         keys = plan["req_ids"][rows].tolist()

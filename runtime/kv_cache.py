@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from tscompile.kernels import REGISTRY, build_metadata
-from tscompile.runtime.cuda_graphs import DecodeGraphs
+from tscompile.runtime.cuda_graphs import StepGraphs
 
 if TYPE_CHECKING:
     from tscompile.runtime.engine import EngineConfig
@@ -73,10 +73,11 @@ class BlockAllocator:
 
 
 def bind_rank(program: RankProgram, cfg: EngineConfig, num_blocks: int, max_model_len: int,
-              dtype: torch.dtype, device: torch.device) -> DecodeGraphs | None:
+              dtype: torch.dtype, device: torch.device) -> StepGraphs | None:
     """Give a rank its KV caches (the scheduler's `num_blocks` plus the scratch block that
     CUDA-graph padding writes to), run one warm-up step into the scratch block, and, on
-    CUDA unless --enforce-eager, capture its decode graphs. Every rank of a replica calls
+    CUDA unless --enforce-eager, capture its step graphs (decode buckets, and mixed /
+    prefill buckets unless the program has MLA layers: `prefill_capturable`). Every rank of a replica calls
     this with the same numbers, so they replay alike. Afterwards every kernel the program
     uses has been selected: the log names each one (and a CUDA run warns for each op that
     fell back to `reference`)."""
@@ -85,11 +86,25 @@ def bind_rank(program: RankProgram, cfg: EngineConfig, num_blocks: int, max_mode
     warm_up(program, cfg.page_size, scratch_block=num_blocks, device=device)
     graphs = None
     if device.type == "cuda" and not cfg.enforce_eager:
-        graphs = DecodeGraphs(program, max_batch=cfg.max_graph_batch or cfg.max_num_seqs,
-                              max_blocks=-(-max_model_len // cfg.page_size),
-                              page_size=cfg.page_size, scratch_block=num_blocks, device=device)
+        max_blocks = -(-max_model_len // cfg.page_size)
+        prefill = cfg.prefill_buckets(max_blocks * cfg.page_size)
+        if prefill and not prefill_capturable(program):
+            log.info("MLA layers: the MLA prefill reads its context length back to the host, "
+                     "so steps with prefill chunks run eagerly (counted as eager steps); "
+                     "decode steps replay graphs")
+            prefill = ()
+        graphs = StepGraphs(program, max_batch=cfg.max_graph_batch or cfg.max_num_seqs,
+                            max_blocks=max_blocks, page_size=cfg.page_size,
+                            scratch_block=num_blocks, device=device, prefill_sizes=prefill)
     log.info("kernels: %s", ", ".join(f"{k}={v}" for k, v in REGISTRY.selections().items()))
     return graphs
+
+
+def prefill_capturable(program: RankProgram) -> bool:
+    """Whether the program's prefill attention can be captured in a CUDA graph: GQA
+    layers (cache `[2, NB, PS, Hkv, D]`) can; MLA layers (cache `[NB, PS, R]`) cannot, as
+    kernels/triton/mla.py `prefill` sizes its expanded context on the host."""
+    return all(len(layer["shape"]) == 5 for layer in program.prog.manifest["kv_cache"]["layers"])
 
 
 @torch.no_grad()

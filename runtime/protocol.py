@@ -116,6 +116,8 @@ class AddRequest:
     params: SamplingParams
     session_id: str | None = None    # keeps the prefix cached between an agent's turns
     arrival: float = 0.0             # time.monotonic() in the API process
+    decode_floor_tps: float = 0.0    # tokens/s this request keeps while decoding (0: the
+                                     # engine's --decode-floor-tps)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +164,8 @@ class EngineStats:
     prompt_tokens: int               # cumulative
     generation_tokens: int           # cumulative
     preemptions: int                 # cumulative
+    steps: int = 0                   # cumulative forward steps
+    eager_steps: int = 0             # cumulative: steps no CUDA graph replayed
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,3 +183,4 @@ class EngineReady:
     eos_token_ids: tuple[int, ...] = field(default=())
     # ("op@device/dtype", backend) for every kernel the warm-up selected (/metrics shows it)
     kernels: tuple[tuple[str, str], ...] = field(default=())
+    decode_floor: bool = False       # a step-time model: requests may set decode floors

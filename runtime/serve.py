@@ -115,7 +115,8 @@ def _rank_main(rank: int, world: int, port: int, cfg: ServeConfig, eos: tuple[in
                             dtype=dtype, device=device, num_blocks=num_blocks,
                             grammar=_grammar_compiler(cfg, c.vocab_size, eos))
             outputs.put(EngineReady(cfg.model_name, engine.max_model_len, c.vocab_size, eos,
-                                    kernels=tuple(REGISTRY.selections().items())))
+                                    kernels=tuple(REGISTRY.selections().items()),
+                                    decode_floor=engine.step_model is not None))
             _engine_loop(engine, requests, outputs, parent)
         else:
             graphs = bind_rank(program, cfg.engine, num_blocks, max_len, dtype, device)
@@ -268,7 +269,7 @@ def serve(cfg: ServeConfig) -> int:
                  ready.max_model_len, world)
         app = create_app(client, tokenizer, model_name=ready.model,
                          max_model_len=ready.max_model_len, api_key=cfg.api_key,
-                         tool_parser=family)
+                         tool_parser=family, decode_floor=ready.decode_floor)
         # The server's SIGINT/SIGTERM handlers drain it (shutdown.py) and it returns; it
         # then re-raises the signal, which KeyboardInterrupt carries through `finally`.
         DrainingServer(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning"),

@@ -2,6 +2,10 @@
 // O(scheduled tokens)); the block table is a zero-copy view of the scheduler's own array.
 // Exceptions: invalid_argument -> ValueError, out_of_range -> KeyError (unknown request),
 // logic_error -> RuntimeError (an event out of order).
+#include <algorithm>
+#include <optional>
+#include <string>
+
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -44,6 +48,8 @@ py::dict plan_dict(const tsc::StepPlan& p) {
   d["admitted_slots"] = to_numpy(p.admitted_slots);
   d["admitted_cached"] = to_numpy(p.admitted_cached);
   d["preempted_ids"] = to_numpy(p.preempted_ids);
+  d["floor_tps"] = p.floor_tps;
+  d["predicted_s"] = p.predicted_s;
   return d;
 }
 
@@ -53,6 +59,30 @@ Finish finish_of(int code) {
                                 "or 4 (error), got " + std::to_string(code));
   }
   return static_cast<Finish>(code);
+}
+
+// The step-time model from a dict of its six coefficients (every key required, no other).
+tsc::StepTimeModel step_model_of(const py::dict& d) {
+  static const char* keys[] = {"base", "per_decode", "per_kv_token", "prefill_base",
+                               "per_prefill_token", "per_prefill_attn"};
+  tsc::StepTimeModel m;
+  double* fields[] = {&m.base, &m.per_decode, &m.per_kv_token, &m.prefill_base,
+                      &m.per_prefill_token, &m.per_prefill_attn};
+  for (auto item : d) {
+    const std::string k = py::str(item.first);
+    if (std::find_if(std::begin(keys), std::end(keys),
+                     [&](const char* x) { return k == x; }) == std::end(keys)) {
+      throw std::invalid_argument("step_model: unknown coefficient '" + k + "'");
+    }
+  }
+  for (int i = 0; i < 6; ++i) {
+    if (!d.contains(keys[i])) {
+      throw std::invalid_argument(std::string("step_model: missing coefficient '") + keys[i] +
+                                  "'");
+    }
+    *fields[i] = d[keys[i]].cast<double>();
+  }
+  return m;
 }
 
 }  // namespace
@@ -75,7 +105,8 @@ PYBIND11_MODULE(_scheduler, m) {
   py::class_<Scheduler>(m, "Scheduler")
       .def(py::init([](int num_blocks, int page_size, int max_num_seqs,
                        int max_num_batched_tokens, int max_model_len, double session_ttl,
-                       bool enable_prefix_caching, int max_tokens_with_decodes) {
+                       bool enable_prefix_caching, int max_tokens_with_decodes,
+                       double decode_floor_tps, std::optional<py::dict> step_model) {
              SchedulerConfig c;
              c.num_blocks = num_blocks;
              c.page_size = page_size;
@@ -85,24 +116,27 @@ PYBIND11_MODULE(_scheduler, m) {
              c.session_ttl = session_ttl;
              c.enable_prefix_caching = enable_prefix_caching;
              c.max_tokens_with_decodes = max_tokens_with_decodes;
+             c.decode_floor_tps = decode_floor_tps;
+             if (step_model) c.step_model = step_model_of(*step_model);
              return new Scheduler(c);
            }),
            py::kw_only(), py::arg("num_blocks"), py::arg("page_size"), py::arg("max_num_seqs"),
            py::arg("max_num_batched_tokens"), py::arg("max_model_len"),
            py::arg("session_ttl") = 0.0, py::arg("enable_prefix_caching") = true,
-           py::arg("max_tokens_with_decodes") = 0)
+           py::arg("max_tokens_with_decodes") = 0, py::arg("decode_floor_tps") = 0.0,
+           py::arg("step_model") = py::none())
       .def("add_request",
            [](Scheduler& s, uint64_t id, py::array_t<int32_t, py::array::c_style |
                                                              py::array::forcecast> prompt,
               int max_tokens, std::vector<int32_t> stop_ids, std::string session,
-              double arrival) {
+              double arrival, double decode_floor_tps) {
              std::vector<int32_t> toks(prompt.data(), prompt.data() + prompt.size());
              s.add_request(id, std::move(toks), max_tokens, std::move(stop_ids),
-                           std::move(session), arrival);
+                           std::move(session), arrival, decode_floor_tps);
            },
            py::arg("id"), py::arg("prompt"), py::arg("max_tokens"),
            py::arg("stop_ids") = std::vector<int32_t>{}, py::arg("session") = "",
-           py::arg("arrival") = 0.0)
+           py::arg("arrival") = 0.0, py::arg("decode_floor_tps") = 0.0)
       .def("abort",
            [](Scheduler& s, uint64_t id, int reason, double now) {
              s.abort(id, finish_of(reason), now);

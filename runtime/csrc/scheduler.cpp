@@ -5,6 +5,7 @@
 #include "scheduler.h"
 
 #include <algorithm>
+#include <cmath>
 #include <stdexcept>
 
 namespace tsc {
@@ -25,6 +26,7 @@ void StepPlan::clear() {
   admitted_ids.clear(); admitted_slots.clear(); admitted_cached.clear();
   preempted_ids.clear();
   num_decodes = num_sample = 0;
+  floor_tps = predicted_s = 0.0;
 }
 
 Scheduler::Scheduler(const SchedulerConfig& c)
@@ -36,6 +38,12 @@ Scheduler::Scheduler(const SchedulerConfig& c)
   if (c.max_tokens_with_decodes < 0 || c.max_tokens_with_decodes > c.max_num_batched_tokens) {
     throw std::invalid_argument(
         "Scheduler: max_tokens_with_decodes must be in [0, max_num_batched_tokens]");
+  }
+  const StepTimeModel& m = c.step_model;
+  if (c.decode_floor_tps < 0 || m.base < 0 || m.per_decode < 0 || m.per_kv_token < 0 ||
+      m.prefill_base < 0 || m.per_prefill_token < 0 || m.per_prefill_attn < 0) {
+    throw std::invalid_argument(
+        "Scheduler: decode_floor_tps and the step-time model's coefficients must be >= 0");
   }
   max_blocks_ = (c.max_model_len + c.page_size - 1) / c.page_size;
   table_.assign(static_cast<size_t>(c.max_num_seqs) * max_blocks_, 0);
@@ -54,11 +62,12 @@ Request& Scheduler::get(uint64_t id) {
 
 void Scheduler::add_request(uint64_t id, std::vector<Token> prompt, int max_tokens,
                             std::vector<Token> stop_ids, std::string session,
-                            double arrival) {
+                            double arrival, double decode_floor_tps) {
   if (requests_.count(id)) {
     throw std::invalid_argument("request " + std::to_string(id) + " already exists");
   }
   if (prompt.empty()) throw std::invalid_argument("request prompt is empty");
+  if (!(decode_floor_tps >= 0)) throw std::invalid_argument("decode_floor_tps must be >= 0");
   if (max_tokens < 1) throw std::invalid_argument("max_tokens must be >= 1");
   if (static_cast<int>(prompt.size()) >= config_.max_model_len) {
     throw std::invalid_argument("prompt of " + std::to_string(prompt.size()) +
@@ -76,6 +85,7 @@ void Scheduler::add_request(uint64_t id, std::vector<Token> prompt, int max_toke
   r.stop_ids = std::move(stop_ids);
   r.session = std::move(session);
   r.arrival = arrival;
+  r.decode_floor_tps = decode_floor_tps;
   requests_.emplace(id, std::move(r));
   waiting_.push_back(id);
 }
@@ -112,8 +122,9 @@ bool Scheduler::admit(Request& r, double now) {
     }
   }
   const int computed = matched * ps;
-  const int chunk = std::min(n - computed, budget_);
+  const int chunk = prefill_chunk(computed, n - computed);
   if (chunk <= 0 || !grow(kv, computed + chunk, now)) return false;  // kv releases itself
+  charge_prefill(computed, chunk);
   free_slots_.pop_back();
   r.num_computed = computed;
   r.pages_hashed = matched;
@@ -147,6 +158,29 @@ void Scheduler::emit(Request& r, Kv& kv, int n) {
     plan_.slot_mapping.push_back(static_cast<int64_t>(kv.blocks[p / ps].id()) * ps + p % ps);
   }
   budget_ -= n;
+}
+
+int Scheduler::prefill_chunk(int prefix, int want) const {
+  int c = std::min(want, budget_);
+  if (!time_limited_ || c <= 0) return c;
+  // The largest c with chunk_cost(prefix, c) <= time_left_ (cost increasing in c).
+  const StepTimeModel& m = config_.step_model;
+  const double a = m.per_prefill_token + m.per_prefill_attn * prefix, b = m.per_prefill_attn;
+  const double t = std::max(0.0, time_left_);
+  const double fit = b > 0 ? (-a + std::sqrt(a * a + 2.0 * b * t)) / b : a > 0 ? t / a : c;
+  int k = static_cast<int>(std::min<double>(fit, c));
+  while (k > 0 && m.chunk_cost(prefix, k) > time_left_) --k;    // rounding
+  // Liveness: a step's first chunk gets at least kMinFloorPrefill tokens even when the
+  // floor leaves less (decodes alone past it), so waiting prompts still progress.
+  if (!prefill_scheduled_) k = std::max(k, std::min(c, kMinFloorPrefill));
+  return k;
+}
+
+void Scheduler::charge_prefill(int prefix, int c) {
+  prefill_scheduled_ = true;
+  if (!time_limited_) return;
+  time_left_ -= config_.step_model.chunk_cost(prefix, c);
+  plan_.predicted_s += config_.step_model.chunk_cost(prefix, c);
 }
 
 void Scheduler::drop_from(std::vector<uint64_t>& v, uint64_t id) {
@@ -188,6 +222,21 @@ const StepPlan& Scheduler::plan(double now) {
     if (ok) emit(r, d->kv, 1);
   }
   plan_.num_decodes = static_cast<int>(plan_.req_ids.size());
+  // The decode floor: the highest floor among this step's decodes bounds the step's time,
+  // and prefill gets what the step-time model leaves of it.
+  time_limited_ = prefill_scheduled_ = false;
+  for (int i = 0; i < plan_.num_decodes; ++i) {
+    const double f = get(plan_.req_ids[i]).decode_floor_tps;
+    plan_.floor_tps = std::max(plan_.floor_tps, f > 0 ? f : config_.decode_floor_tps);
+  }
+  if (plan_.floor_tps > 0) {
+    const StepTimeModel& m = config_.step_model;
+    double kv = 0;
+    for (int i = 0; i < plan_.num_decodes; ++i) kv += plan_.seq_lens[i];
+    plan_.predicted_s = m.base + m.per_decode * plan_.num_decodes + m.per_kv_token * kv;
+    time_left_ = 1.0 / plan_.floor_tps - plan_.predicted_s - m.prefill_base;
+    time_limited_ = true;
+  }
   // A step that carries decodes takes at most max_tokens_with_decodes tokens in all, so a
   // long prefill cannot stall the running requests' next token for a whole big chunk.
   if (plan_.num_decodes > 0 && config_.max_tokens_with_decodes > 0) {
@@ -199,14 +248,22 @@ const StepPlan& Scheduler::plan(double now) {
     Request& r = get(id);
     auto* p = std::get_if<Prefilling>(&r.state);
     if (p == nullptr || budget_ < 1) continue;
-    int chunk = std::min(static_cast<int>(r.tokens.size()) - r.num_computed, budget_);
-    if (grow(p->kv, r.num_computed + chunk, now)) emit(r, p->kv, chunk);
+    const int prefix = r.num_computed;
+    int chunk = prefill_chunk(prefix, static_cast<int>(r.tokens.size()) - prefix);
+    if (chunk <= 0) continue;
+    if (grow(p->kv, prefix + chunk, now)) {
+      emit(r, p->kv, chunk);
+      charge_prefill(prefix, chunk);
+    }
   }
   while (!waiting_.empty() && budget_ > 0 && !free_slots_.empty()) {
     Request& r = get(waiting_.front());
     if (!admit(r, now)) break;     // head of line waits for memory
     waiting_.pop_front();
     running_.push_back(r.id);
+  }
+  if (time_limited_ && plan_.num_decodes < static_cast<int>(plan_.req_ids.size())) {
+    plan_.predicted_s += config_.step_model.prefill_base;
   }
   plan_pending_ = !plan_.req_ids.empty();
   return plan_;

@@ -29,6 +29,23 @@ namespace tsc {
 
 enum class Finish : int8_t { None = 0, Stop = 1, Length = 2, Abort = 3, Error = 4 };
 
+// Predicted seconds of one step on this card (fitted from a start-up profile, runtime/
+// step_model.py): base + per_decode * D + per_kv_token * (sum of the decodes' context) and,
+// when the step carries prefill, prefill_base + per_prefill_token * P + per_prefill_attn *
+// sum over chunks of c * (prefix + c / 2) (causal attention of a c-token chunk over its
+// prefix). All coefficients >= 0.
+struct StepTimeModel {
+  double base = 0.0, per_decode = 0.0, per_kv_token = 0.0;
+  double prefill_base = 0.0, per_prefill_token = 0.0, per_prefill_attn = 0.0;
+  double chunk_cost(int prefix, int c) const {
+    return per_prefill_token * c + per_prefill_attn * c * (prefix + 0.5 * c);
+  }
+};
+
+// The fewest prefill tokens a floor-limited step that has prefill waiting still takes (so a
+// floor the decodes alone exceed slows prompts down but never starves them).
+constexpr int kMinFloorPrefill = 16;
+
 struct SchedulerConfig {
   int num_blocks = 1024;
   int page_size = 16;
@@ -38,6 +55,12 @@ struct SchedulerConfig {
   int max_model_len = 4096;
   double session_ttl = 0.0;           // seconds a finished session's prefix stays pinned
   bool enable_prefix_caching = true;
+  // Decode-speed floor (tokens/s per decoding request; 0: none). With a floor, a step that
+  // carries decodes gets prefill tokens only while the model's predicted step time stays
+  // <= 1 / (the highest floor among its decodes), but at least kMinFloorPrefill; the token
+  // budgets still apply.
+  double decode_floor_tps = 0.0;
+  StepTimeModel step_model;
 };
 
 struct Kv {
@@ -59,6 +82,7 @@ struct Request {
   std::vector<Token> stop_ids;
   std::string session;
   double arrival = 0.0;
+  double decode_floor_tps = 0.0;       // this request's floor (0: the config's)
   int num_computed = 0;                // tokens whose KV is in the cache
   int num_cached = -1;                 // prefix-hit tokens at first admission (-1: not yet)
   int pages_hashed = 0;                // full pages registered in the prefix cache
@@ -83,6 +107,9 @@ struct StepPlan {
   std::vector<uint64_t> admitted_ids;  // got a block-table row this step
   std::vector<int32_t> admitted_slots, admitted_cached;
   std::vector<uint64_t> preempted_ids; // lost their KV, back to waiting
+  // The decode floor this step was sized for (0: none) and the step-time model's prediction
+  // (seconds; 0 without a floor).
+  double floor_tps = 0.0, predicted_s = 0.0;
   void clear();
 };
 
@@ -98,7 +125,8 @@ class Scheduler {
   explicit Scheduler(const SchedulerConfig& config);
 
   void add_request(uint64_t id, std::vector<Token> prompt, int max_tokens,
-                   std::vector<Token> stop_ids, std::string session, double arrival);
+                   std::vector<Token> stop_ids, std::string session, double arrival,
+                   double decode_floor_tps = 0.0);
   // Finish a live request now (client gone, stop string, error). Unknown id: out_of_range.
   void abort(uint64_t id, Finish reason, double now);
   const StepPlan& plan(double now);
@@ -124,6 +152,8 @@ class Scheduler {
   bool admit(Request& r, double now);
   bool grow(Kv& kv, int tokens, double now);
   void emit(Request& r, Kv& kv, int n);
+  int prefill_chunk(int prefix, int want) const;   // tokens a chunk may take now
+  void charge_prefill(int prefix, int c);
   void preempt(uint64_t id);
   void finish(Request& r, Finish reason, double now);
   void register_pages(Request& r, Kv& kv);
@@ -140,6 +170,8 @@ class Scheduler {
   StepPlan plan_;
   bool plan_pending_ = false;
   int budget_ = 0;
+  double time_left_ = 0.0;                     // floor-limited steps: seconds left
+  bool time_limited_ = false, prefill_scheduled_ = false;
   Stats totals_;
 };
 

@@ -769,7 +769,7 @@ class AnthropicAPI:
                                body.metadata.user_id if body.metadata else None)
         rid = f"msg_{secrets.token_hex(12)}"
         gen, context_bound = await self._generation(rid, prompt.turn, params, body, session,
-                                                    arrival)
+                                                    arrival, srv.decode_floor(request))
         enc = MessageEncoder(rid, srv.model_name,
                              prompt_tokens=len(gen.specs[0].request.prompt_ids),
                              omit_thinking=prompt.thinking.omit, max_calls=prompt.max_calls,
@@ -786,7 +786,7 @@ class AnthropicAPI:
 
     async def _generation(self, rid: str, turn: ChatTurn, params: SamplingParams,
                           body: MessagesRequest, session: str | None,
-                          arrival: float) -> tuple[Generation, bool]:
+                          arrival: float, floor: float = 0.0) -> tuple[Generation, bool]:
         """The generation, its max_tokens cut to what the context leaves (and whether it
         was cut); a prompt that leaves no room is Anthropic's "prompt is too long"."""
         srv = self.server
@@ -794,7 +794,7 @@ class AnthropicAPI:
             gen = await srv.chat_generation(
                 rid, turn, params, n=1, seed=None, stops=tuple(body.stop_sequences or ()),
                 max_tokens=None, max_field="max_tokens", session=session, arrival=arrival,
-                fields=_field)
+                floor=floor, fields=_field)
         except APIError as e:
             if e.code != "context_length_exceeded":
                 raise

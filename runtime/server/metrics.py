@@ -57,7 +57,10 @@ class _EngineStatsCollector(Collector):
                 ("generation_tokens", "Tokens generated", "generation_tokens"),
                 ("prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache",
                  "prefix_hit_tokens"),
-                ("num_preemptions", "Requests preempted by the scheduler", "preemptions")):
+                ("num_preemptions", "Requests preempted by the scheduler", "preemptions"),
+                ("steps", "Engine forward steps", "steps"),
+                ("eager_steps", "Engine steps run eagerly: no CUDA-graph bucket held them "
+                                "(or no graphs: CPU, --enforce-eager)", "eager_steps")):
             yield CounterMetricFamily(PREFIX + name, doc, value=getattr(s, attr) if s else 0)
 
 

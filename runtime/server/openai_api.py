@@ -56,20 +56,24 @@ from tscompile.runtime.server.schemas import (MAX_N, ChatCompletionRequest, Comp
 from tscompile.runtime.server.serving import ChoiceSpec, Generation
 
 SHUTTING_DOWN = "server is shutting down"
+DECODE_FLOOR_HEADER = "x-decode-floor"
+MAX_DECODE_FLOOR = 10000.0           # tokens/s: beyond any card's decode speed
 
 
 def create_app(client: EngineClient, tokenizer: Any, *, model_name: str, max_model_len: int,
                api_key: str | None = None, max_n: int = 8,
                session_id_header: str = "x-session-id",
                max_body_bytes: int = MAX_BODY_BYTES,
-               tool_parser: str | None = None) -> FastAPI:
+               tool_parser: str | None = None, decode_floor: bool = False) -> FastAPI:
     """`session_id_header`: the request header carrying the session id (it wins over the
     body's `user`); the engine keeps a session's prefix cached between turns.
     `tool_parser`: the model family whose tool-call and reasoning format the output is
-    parsed with (parsers.FAMILIES; None: no tool calls)."""
+    parsed with (parsers.FAMILIES; None: no tool calls). `decode_floor`: the engine has a
+    step-time model, so requests may carry an `x-decode-floor` header."""
     server = OpenAIServer(client, tokenizer, model_name=model_name,
                           max_model_len=max_model_len, max_n=max_n,
-                          session_header=session_id_header, tool_parser=tool_parser)
+                          session_header=session_id_header, tool_parser=tool_parser,
+                          decode_floor=decode_floor)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -108,7 +112,7 @@ def create_app(client: EngineClient, tokenizer: Any, *, model_name: str, max_mod
 class OpenAIServer:
     def __init__(self, client: EngineClient, tokenizer: Any, *, model_name: str,
                  max_model_len: int, max_n: int, session_header: str,
-                 tool_parser: str | None = None):
+                 tool_parser: str | None = None, decode_floor: bool = False):
         if max_model_len < 2:
             raise ValueError(f"max_model_len: must be >= 2, got {max_model_len}")
         if not 1 <= max_n <= MAX_N:
@@ -120,6 +124,7 @@ class OpenAIServer:
         self.max_model_len = max_model_len
         self.max_n = max_n
         self.session_header = session_header
+        self.floors = decode_floor           # the engine keeps per-request decode floors
         if tool_parser is not None and tool_parser not in FAMILIES:
             raise ValueError(f"tool_parser: must be one of {', '.join(FAMILIES)}, "
                              f"got {tool_parser!r}")
@@ -196,6 +201,7 @@ class OpenAIServer:
         gen = await self.chat_generation(
             meta.id, turn, params, n=body.n, seed=body.seed, stops=body.stops,
             max_tokens=max_tokens, max_field=max_field, session=session, arrival=arrival,
+            floor=self.decode_floor(request),
             fields=lambda f: "function.parameters" if f == "parameters" else f)
         if body.stream:
             return self._streaming(self._chat_stream(gen, meta, body.n, body))
@@ -206,7 +212,7 @@ class OpenAIServer:
     async def chat_generation(self, rid: str, turn: ChatTurn, params: SamplingParams, *,
                               n: int, seed: int | None, stops: tuple[str, ...],
                               max_tokens: int | None, max_field: str, session: str | None,
-                              arrival: float,
+                              arrival: float, floor: float = 0.0,
                               fields: Callable[[str], str] = lambda f: f) -> Generation:
         """The request pipeline every chat-shaped API shares (OpenAI chat, Anthropic
         Messages, OpenAI Responses): check the turn, render it, compile its grammar, and
@@ -231,7 +237,7 @@ class OpenAIServer:
         specs = self._specs(rid, params, [prompt_ids], n=n, seed=seed, stops=stops,
                             max_tokens=max_tokens, max_field=max_field,
                             prompt_field=fields("messages"), session=session,
-                            arrival=arrival, parser=parser)
+                            arrival=arrival, floor=floor, parser=parser)
         return Generation(self.client, self.tokenizer, self.metrics, specs)
 
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
@@ -248,7 +254,7 @@ class OpenAIServer:
         specs = self._specs(meta.id, params, prompts, n=body.n, seed=body.seed,
                             stops=body.stops, max_tokens=body.max_tokens,
                             max_field="max_tokens", prompt_field="prompt", session=session,
-                            arrival=arrival)
+                            arrival=arrival, floor=self.decode_floor(request))
         gen = Generation(self.client, self.tokenizer, self.metrics, specs)
         if body.stream:
             return self._streaming(self._completion_stream(gen, meta, body, want_lp))
@@ -337,6 +343,7 @@ class OpenAIServer:
     def _specs(self, rid: str, params: SamplingParams, prompts: Sequence[list[int]], *,
                n: int, seed: int | None, stops: tuple[str, ...], max_tokens: int | None,
                max_field: str, prompt_field: str, session: str | None, arrival: float,
+               floor: float = 0.0,
                parser: Callable[[Sequence[int]], OutputParser] | None = None
                ) -> list[ChoiceSpec]:
         specs = []
@@ -356,7 +363,8 @@ class OpenAIServer:
                     index, p, AddRequest(f"{rid}-{index}", tuple(ids),
                                          dataclasses.replace(
                                              p_params, seed=None if seed is None else seed + i),
-                                         session_id=session, arrival=arrival),
+                                         session_id=session, arrival=arrival,
+                                         decode_floor_tps=floor),
                     stops, parser))
         return specs
 
@@ -372,6 +380,25 @@ class OpenAIServer:
                         param=param, code="context_length_exceeded")
 
     # ------------------------------------------------------------------ running
+
+    def decode_floor(self, request: Request) -> float:
+        """The request's `x-decode-floor` header (tokens/s it keeps while decoding), 0 when
+        absent; 400 when malformed or when the engine keeps no floors."""
+        raw = request.headers.get(DECODE_FLOOR_HEADER)
+        if raw is None:
+            return 0.0
+        try:
+            v = float(raw)
+        except ValueError:
+            v = float("nan")
+        if not 0 < v <= MAX_DECODE_FLOOR:
+            raise APIError(400, f"{DECODE_FLOOR_HEADER} header: must be a decode speed in "
+                                f"tokens/s in (0, {MAX_DECODE_FLOOR:g}], got {raw!r}")
+        if not self.floors:
+            raise APIError(400, f"{DECODE_FLOOR_HEADER} header: this server keeps no decode "
+                                f"floors (start tsrun with --decode-floor-tps, "
+                                f"--step-time-model or --profile-step-time)")
+        return v
 
     def _engine_error(self, why: str | None) -> APIError:
         status = 500 if self.client.healthy and not self.draining else 503

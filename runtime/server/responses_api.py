@@ -962,7 +962,8 @@ class ResponsesAPI:
             session = prev.session             # a chain keeps its session (prefix cache)
         gen = await srv.chat_generation(
             rid, turn, params, n=1, seed=None, stops=(), max_tokens=body.max_output_tokens,
-            max_field="max_output_tokens", session=session, arrival=arrival, fields=_field)
+            max_field="max_output_tokens", session=session, arrival=arrival,
+            floor=srv.decode_floor(request), fields=_field)
         enc = ResponseEncoder(
             _base(body, rid, echo_tools, params, srv.model_name), custom=custom,
             encrypted="reasoning.encrypted_content" in (body.include or ()),

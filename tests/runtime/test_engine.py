@@ -9,7 +9,11 @@ import pytest
 from tscompile.annotations import Mesh
 from tscompile.build import build
 from tscompile.runtime import load_model
-from tscompile.runtime.cuda_graphs import DecodeGraphs, bucket_sizes
+from tscompile.runtime.cuda_graphs import (
+    MAX_PREFILL_SEQS, Bucket, StepGraphs, bucket_sizes, plan_bucket, prefill_bucket_sizes,
+)
+from tscompile.runtime.step_io import StepInputs
+from tscompile.kernels import build_metadata
 from tscompile.runtime.engine import Engine, EngineConfig
 from tscompile.runtime.offline import PagedRunner, generate
 from tscompile.runtime.program import RankProgram
@@ -154,15 +158,139 @@ def test_bucket_sizes():
         bucket_sizes(0)
 
 
+def test_prefill_bucket_sizes_and_config():
+    assert prefill_bucket_sizes(16) == (16,)
+    assert prefill_bucket_sizes(100) == (16, 32, 64, 100)
+    assert prefill_bucket_sizes(4096)[-3:] == (1024, 2048, 4096)
+    assert EngineConfig(max_num_batched_tokens=512).prefill_buckets(8192) == (
+        16, 32, 64, 128, 256, 512)
+    assert EngineConfig(max_num_batched_tokens=8192).prefill_buckets(8192)[-1] == 4096
+    assert EngineConfig(max_num_batched_tokens=512).prefill_buckets(100) == (16, 32, 64)
+    assert EngineConfig(graph_prefill_tokens=(64, 8, 64)).prefill_buckets(512) == (8, 64)
+    assert EngineConfig(graph_prefill_tokens=()).prefill_buckets(512) == ()
+    with pytest.raises(ValueError, match="graph-prefill-buckets"):
+        EngineConfig(graph_prefill_tokens=(0, 16))
+
+
+def _step(query_lens, seq_lens, page=4, sample=None):
+    tables = [list(range(-(-n // page))) for n in seq_lens]
+    meta = build_metadata(query_lens, seq_lens, tables, page)
+    if sample is not None:
+        meta = type(meta)(meta.query_start_loc, meta.seq_lens, meta.block_tables,
+                          meta.slot_mapping, meta.logits_indices[sample], meta.num_decodes)
+    import torch
+    t = sum(query_lens)
+    return StepInputs(torch.arange(t) % 200, torch.zeros(t, dtype=torch.int64), meta)
+
+
+def test_plan_bucket_picks_the_smallest_bucket_or_says_why_not():
+    dec, pre = (1, 2, 4, 8), (16, 32, 64)
+    assert plan_bucket(_step([1] * 3, [5, 9, 2]), dec, pre, 128) == (Bucket(4, 0), "")
+    assert plan_bucket(_step([1, 1, 7], [5, 9, 20]), dec, pre, 128) == (Bucket(2, 16), "")
+    assert plan_bucket(_step([1, 16], [5, 40]), dec, pre, 128) == (Bucket(1, 16), "")
+    assert plan_bucket(_step([17], [17]), dec, pre, 128) == (Bucket(0, 32), "")
+    b, why = plan_bucket(_step([1] * 9, [3] * 9), dec, pre, 128)
+    assert b is None and "9 decodes > the largest decode bucket 8" in why
+    b, why = plan_bucket(_step([1, 65], [2, 70]), dec, pre, 128)
+    assert b is None and "65 prefill tokens > the largest prefill bucket 64" in why
+    b, why = plan_bucket(_step([1, 3], [2, 70]), dec, (), 128)
+    assert b is None and "decode graphs only" in why
+    b, why = plan_bucket(_step([1, 5], [2, 700]), dec, pre, 128)
+    assert b is None and "wider than the graphs' 128" in why
+    # Eight chunks fill the slots exactly (32 tokens, no padding chunk); with padding they
+    # need a ninth slot.
+    full = [4] * MAX_PREFILL_SEQS
+    assert plan_bucket(_step(full, [9] * MAX_PREFILL_SEQS), dec, pre, 128)[0] == Bucket(0, 32)
+    b, why = plan_bucket(_step([3] + full[1:], [9] * MAX_PREFILL_SEQS), dec, pre, 128)
+    assert b is None and "chunk slots" in why
+
+
+def test_mixed_bucket_layout_pads_into_the_scratch_block():
+    """The static buffers of a mixed step: decodes, padding decodes, the chunks, one padding
+    chunk of the remaining tokens and empty sequences; padding reads and writes only the
+    scratch block; the sampled rows map back to the step's sequences."""
+    import torch
+
+    calls = []
+
+    def forward(ids, pos, meta):
+        calls.append((ids.clone(), pos.clone(), meta))
+        return torch.arange(meta.num_seqs, dtype=torch.float32)[:, None].repeat(1, 3)
+
+    g = StepGraphs(forward, max_batch=4, max_blocks=32, page_size=4, scratch_block=99,
+                   device="cpu", sizes=(2, 4), prefill_sizes=(8, 16), capture=False)
+    # 1 decode (context 5), a 3-token chunk that samples (context 7), a 4-token chunk that
+    # does not (context 10): 8 tokens, bucket (2 decodes, 8 prefill tokens).
+    step = _step([1, 3, 4], [5, 7, 10], sample=[0, 1])
+    assert g.bucket(step) == (Bucket(2, 8), "")
+    logits = g(step)
+    ids, pos, m = calls[-1]
+    s = 2 + MAX_PREFILL_SEQS
+    assert m.num_decodes == 2 and m.num_seqs == s and ids.numel() == 10
+    assert m.query_start_loc.tolist() == [0, 1, 2, 5, 9, 10] + [10] * (s - 5)
+    assert m.seq_lens.tolist() == [5, 1, 7, 10, 1] + [0] * (s - 5)
+    assert m.block_tables[1, 0] == 99 and (m.block_tables[4, :1] == 99).all()
+    assert m.block_tables[0, :2].tolist() == step.meta.block_tables[0, :2].tolist()
+    assert m.block_tables[3, :3].tolist() == step.meta.block_tables[2, :3].tolist()
+    # Padding tokens (the decode row 1 and the chunk's last token) write the scratch block.
+    assert m.slot_mapping[1] == 99 * 4 and m.slot_mapping[9] // 4 == 99
+    assert m.slot_mapping[[0, 2, 3, 4, 5, 6, 7, 8]].tolist() == step.meta.slot_mapping.tolist()
+    assert ids[[0, 2, 3, 4, 5, 6, 7, 8]].tolist() == step.input_ids.tolist()
+    assert m.logits_indices[:5].tolist() == [0, 1, 4, 8, 9]
+    # Sampled: the decode (bucket row 0) and the first chunk (bucket row 2).
+    assert logits[:, 0].tolist() == [0.0, 2.0]
+    assert g.replays == 1
+
+
+@pytest.mark.parametrize("kv_tokens", [256, 40])
+def test_padded_mixed_buckets_keep_outputs(prog, alone, kv_tokens):
+    """The mixed-step graph path without a GPU: every step, chunked prefills next to decodes
+    and prefills alone included, runs padded into a (decodes, prefill tokens) bucket on the
+    static buffers; the tokens equal each request alone, nothing runs eagerly, and the
+    scheduler's pool ends empty (padding touched only the scratch block)."""
+    eng = engine(prog, kv_cache_tokens=kv_tokens)
+    eng.graphs = StepGraphs(eng.program, max_batch=4, max_blocks=512 // 4, page_size=4,
+                            scratch_block=eng.num_blocks, device="cpu", sizes=(1, 2, 4),
+                            prefill_sizes=(4, 8, 16), capture=False)
+    reqs = [AddRequest(f"r{i}", tuple(p), greedy(6 + i)) for i, p in enumerate(PROMPTS)]
+    outs = run_all(eng, reqs)
+    for r, p in zip(reqs, PROMPTS):
+        assert [t for o in outs[r.rid] for t in o.token_ids] == alone(p, r.params.max_tokens)
+    assert eng.eager_steps == 0 and eng.graphs.replays == eng.steps_run > 0
+    assert eng.stats().kv_blocks_used == 0
+    eng.sched.check_invariants()
+
+
+def test_idle_steps_of_every_bucket_run_and_touch_only_the_scratch_block(prog):
+    """What capture runs, without a GPU: every bucket filled as a step of padding only (no
+    real token) runs the real program; the pool's blocks are untouched, the scratch block
+    is written, and the logits buffer holds a row per bucket sequence."""
+    import torch
+
+    eng = engine(prog)
+    g = StepGraphs(eng.program, max_batch=4, max_blocks=512 // 4, page_size=4,
+                   scratch_block=eng.num_blocks, device="cpu", sizes=(1, 4),
+                   prefill_sizes=(4, 16), capture=False)
+    for c in eng.program.caches:
+        c.zero_()
+    for b in g.buckets:
+        g._fill_idle(b)
+        out = g._run(b)
+        assert out.shape[0] == b.num_seqs and torch.isfinite(out).all(), b
+    cache = eng.program.caches[0]
+    assert cache[:, : eng.num_blocks].abs().sum() == 0 and cache[:, eng.num_blocks].abs().sum() > 0
+    assert len(g.buckets) == 2 + 3 * 2
+
+
 @pytest.mark.parametrize("kv_tokens", [256, 40])
 def test_padded_decode_buckets_touch_only_the_scratch_block(prog, alone, kv_tokens):
     """The CUDA-graph input path without a GPU: decode steps of 1-3 sequences run padded to
     a bucket of 4 or 8 on the static buffers; padding reads and writes only the scratch block
     beyond the scheduler's pool, so the tokens equal each request alone."""
     eng = engine(prog, kv_cache_tokens=kv_tokens)
-    eng.graphs = DecodeGraphs(eng.program, max_batch=8, max_blocks=512 // 4, page_size=4,
-                              scratch_block=eng.num_blocks, device="cpu", sizes=(4, 8),
-                              capture=False)
+    eng.graphs = StepGraphs(eng.program, max_batch=8, max_blocks=512 // 4, page_size=4,
+                            scratch_block=eng.num_blocks, device="cpu", sizes=(4, 8),
+                            capture=False)
     assert eng.program.caches[0].shape[1] == eng.num_blocks + 1      # [2, NB + 1, PS, ...]
     reqs = [AddRequest(f"r{i}", tuple(p), greedy(6 + i)) for i, p in enumerate(PROMPTS[:3])]
     outs = run_all(eng, reqs)
@@ -195,7 +323,14 @@ def test_engine_on_cuda_with_triton_kernels_matches_cpu(prog, alone, eager):
     for r, p in zip(reqs, PROMPTS):
         assert [t for o in outs[r.rid] for t in o.token_ids] == alone(p, r.params.max_tokens)
     if not eager:
-        assert sorted(eng.graphs.graphs) == [1, 2, 4] and eng.graphs.replays >= 8
+        assert sorted(b.decodes for b in eng.graphs.graphs if not b.prefill) == [1, 2, 4]
+        assert eng.graphs.replays >= 8
+        # Mixed and prefill buckets (decodes 0, 1, 2, 4 x prefill 16, 32, 64): every step
+        # of this run, chunked prompts included, replayed a graph.
+        assert sorted({b.prefill for b in eng.graphs.graphs}) == [0, 16, 32, 64]
+        assert eng.eager_steps == 0 and eng.stats().eager_steps == 0
+    else:
+        assert eng.eager_steps == eng.steps_run > 0
     used = {key.split("@")[0]: backend for key, backend in REGISTRY.selections().items()
             if "@cuda" in key}
     assert used.get("gqa_decode") == "triton" and used.get("rms_norm") == "triton", used

@@ -1,6 +1,6 @@
 """The engine over two tensor-parallel ranks, as tsrun runs it on GPUs but on the CPU: step
 inputs travel over a gloo side group (`set_control_group`), and both ranks run decode steps
-padded into CUDA-graph buckets (`DecodeGraphs(capture=False)`: the same static buffers and
+padded into CUDA-graph buckets (`StepGraphs(capture=False)`: the same static buffers and
 scratch-block padding, replayed eagerly). Greedy tokens equal each request run alone on the
 single-device reference, and both ranks took the same number of padded steps. And a step that
 fails on rank 0 at world 2 is fatal and loud: every request gets an error output, rank 0
@@ -23,7 +23,7 @@ import torch.distributed as dist
 from tscompile.annotations import Mesh
 from tscompile.build import build
 from tscompile.runtime import load_model
-from tscompile.runtime.cuda_graphs import DecodeGraphs, run_step
+from tscompile.runtime.cuda_graphs import StepGraphs, run_step
 from tscompile.runtime.distributed import free_port
 from tscompile.runtime.engine import Engine, EngineConfig
 from tscompile.runtime.kv_cache import bind_rank, kv_blocks
@@ -46,9 +46,10 @@ def _rank_main(rank: int, port: int, prog: str, out: Path) -> None:
     program = RankProgram(prog, rank, dummy_seed=SEED)
     blocks = kv_blocks(CFG, program, torch.float32, torch.device("cpu"), MAX_LEN)
 
-    def padded() -> DecodeGraphs:
-        return DecodeGraphs(program, max_batch=4, max_blocks=MAX_LEN // PAGE, page_size=PAGE,
-                            scratch_block=blocks, device="cpu", sizes=(2, 4), capture=False)
+    def padded() -> StepGraphs:
+        return StepGraphs(program, max_batch=4, max_blocks=MAX_LEN // PAGE, page_size=PAGE,
+                            scratch_block=blocks, device="cpu", sizes=(2, 4),
+                            prefill_sizes=(8, 16), capture=False)
     if rank == 0:
         eng = Engine(program, CFG, vocab_size=256, max_position_embeddings=MAX_LEN,
                      num_blocks=blocks)

@@ -246,3 +246,40 @@ def test_raw_sse_framing(stack):
     events = [e for e in r.text.split("\n\n") if e]
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
     assert r.text.endswith("\n\n")
+
+
+def test_decode_floor_header(tokenizer):
+    """`x-decode-floor` reaches the engine as the request's floor on every route when the
+    engine keeps floors; malformed values, and any value when it keeps none, are a 400
+    naming the header (and the server keeps serving)."""
+    import anthropic
+
+    from .conftest import serve
+    with serve(tokenizer, decode_floor=True) as s:
+        oai = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0,
+                            timeout=10)
+        hdr = {"x-decode-floor": "70"}
+        r1 = oai.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2,
+                                         extra_headers=hdr)
+        r2 = oai.completions.create(model=MODEL, prompt="x", max_tokens=2,
+                                    extra_headers={"x-decode-floor": "212.5"})
+        r3 = oai.responses.create(model=MODEL, input="hi", max_output_tokens=2,
+                                  extra_headers=hdr)
+        ant = anthropic.Anthropic(base_url=s.url, api_key="unused", max_retries=0)
+        r4 = ant.messages.create(model=MODEL, max_tokens=2, extra_headers=hdr,
+                                 messages=[{"role": "user", "content": "hi"}])
+        r5 = oai.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
+        floors = {a.rid.rsplit("-", 1)[0]: a.decode_floor_tps for a in s.engine.adds()}
+        assert floors[r1.id] == 70.0 and floors[r2.id] == 212.5 and floors[r5.id] == 0.0
+        assert floors[r3.id] == 70.0 and floors[r4.id] == 70.0
+        for bad in ("fast", "0", "-5", "nan", "1e9"):
+            with pytest.raises(openai.BadRequestError, match="x-decode-floor header"):
+                oai.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2,
+                                            extra_headers={"x-decode-floor": bad})
+    with serve(tokenizer) as s:                 # no step-time model: no floors
+        oai = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0,
+                            timeout=10)
+        with pytest.raises(openai.BadRequestError, match="keeps no decode floors"):
+            oai.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2,
+                                        extra_headers={"x-decode-floor": "70"})
+        assert oai.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2).id
