@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -23,7 +24,8 @@ import torch
 from tscompile import envs
 from tscompile.annotations import Mesh
 from tscompile.codegen import graph_json, render_program
-from tscompile.models import build_config, load_model_file
+from tscompile.models import (build_config, load_model_file, model_file_for_hf,
+                              read_hf_config)
 from tscompile.models.checkpoint import Rule, loadable_tensors, plan_pieces, resolve
 from tscompile.passes.collectives import insert_collectives
 from tscompile.passes.fuse import fuse
@@ -107,10 +109,13 @@ def _kv_layout(model: torch.nn.Module, plans: dict[str, ParamPlan], world: int
             "bytes_per_token_per_rank": {"bfloat16": per_token * 2, "float32": per_token * 4}}
 
 
-def build(model: str | Path, *, mesh: Mesh, preset: str | None = None,
+def build(model: str | Path | None, *, mesh: Mesh, preset: str | None = None,
           config: str | Path | dict[str, Any] | None = None,
-          dump_dir: str | Path | None = None) -> Built:
-    module = load_model_file(model)
+          dump_dir: str | Path | None = None, model_path: Sequence[str | Path] = ()
+          ) -> Built:
+    """`model` is a model file or name; None finds it by the config's model_type (built-ins,
+    entry points, then `model_path` and TSCOMPILE_MODEL_PATH: tscompile.models)."""
+    module, config = _model_file(model, preset, config, model_path)
     cfg = build_config(module, preset=preset, config=config)
     with torch.device("meta"):
         net = module.MODEL(cfg).eval()
@@ -134,7 +139,7 @@ def build(model: str | Path, *, mesh: Mesh, preset: str | None = None,
     for p in plans.values():
         p.check(world)
     kv = _kv_layout(net, plans, world)
-    label = Path(str(model)).stem
+    label = Path(str(model) if model is not None else module.__file__).stem
     program = render_program(stage, title=f"{label} ({preset or 'config'}) on "
                              f"{mesh.describe()}", model=f"{module.__name__}",
                              format_version=FORMAT_VERSION)
@@ -158,6 +163,22 @@ def build(model: str | Path, *, mesh: Mesh, preset: str | None = None,
     files = {"program.py": program, "model.py": Path(module.__file__).read_text(),
              "graph.json": json.dumps(graph_json(stage), indent=None), **dumps}
     return Built(stage, manifest, files)
+
+
+def _model_file(model: str | Path | None, preset: str | None,
+                config: str | Path | dict[str, Any] | None, model_path: Sequence[str | Path]
+                ) -> tuple[ModuleType, str | Path | dict[str, Any] | None]:
+    if model is not None:
+        if model_path:
+            raise ValueError("--model-path only finds a model file by --config's model_type; "
+                             "drop it, or drop the model argument")
+        return load_model_file(model), config
+    if config is None:
+        raise ValueError("give a model file or name"
+                         + (f" for preset {preset!r}" if preset else "")
+                         + ", or --config config.json, whose model_type picks the model file")
+    d = config if isinstance(config, dict) else read_hf_config(config)
+    return model_file_for_hf(d, model_path), d
 
 
 def _numel(shape: tuple[int, ...]) -> int:

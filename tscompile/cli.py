@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from tscompile import envs
 from tscompile.runtime.protocol import SamplingParams
 
 # `generate` is a reproducible offline check: greedy and seed 0 unless asked otherwise.
@@ -140,10 +141,17 @@ def _import_gguf(args: argparse.Namespace) -> int:
 
 def _add_build(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("build", help="compile a model file into a tensor/expert-parallel .tsprog")
-    p.add_argument("model", help="model file (models/kimi_k25.py) or name (llama, qwen3, kimi_k25)")
+    p.add_argument("model", nargs="?",
+                   help="model file (models/kimi_k25.py) or name (llama, qwen3, kimi_k25, or a "
+                        "'tscompile.models' entry point's); left out, --config's model_type "
+                        "picks the file")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", help="a preset of the model file (e.g. kimi-k2.5, tiny)")
     src.add_argument("--config", help="a Hugging Face config.json (file or folder)")
+    p.add_argument("--model-path", type=envs.TSCOMPILE_MODEL_PATH.parse, default=(),
+                   help="directories (':'-separated) of model files searched by --config's "
+                        "model_type when the model argument is left out, before "
+                        "TSCOMPILE_MODEL_PATH")
     p.add_argument("--tp", type=int, default=1, help="world size; every axis's default degree")
     p.add_argument("--attn-tp", type=int, help="attention tensor parallel degree (1 or --tp)")
     moe = p.add_mutually_exclusive_group()
@@ -162,7 +170,7 @@ def _build(args: argparse.Namespace) -> int:
 
     mesh = Mesh.build(args.tp, attn_tp=args.attn_tp, moe_tp=args.moe_tp, moe_ep=args.moe_ep)
     out = build(args.model, mesh=mesh, preset=args.preset, config=args.config,
-                dump_dir=args.dump).save(args.output)
+                dump_dir=args.dump, model_path=args.model_path).save(args.output)
     print(format_summary(summary(read_tsprog(out))))
     print(f"wrote {out}")
     return 0

@@ -33,6 +33,11 @@ class EnvVar(Generic[T]):
             raise ValueError(f"environment variable {self.name}={raw!r} is invalid: {e}") from None
 
 
+def _parse_dirs(raw: str) -> tuple[str, ...]:
+    """"dir1:dir2" (os.pathsep) -> ("dir1", "dir2"); empty items are dropped."""
+    return tuple(d for d in raw.split(os.pathsep) if d)
+
+
 def _parse_kernel_overrides(raw: str) -> dict[str, str]:
     """"rms_norm=reference,gqa_decode=triton" or "*=reference" -> {op: backend}."""
     out: dict[str, str] = {}
@@ -65,5 +70,11 @@ TSCOMPILE_CUDA_CACHE = EnvVar(
     "Directory of the compiled CUDA kernels (default ~/.cache/tscompile/cuda).",
 )
 
+TSCOMPILE_MODEL_PATH = EnvVar(
+    "TSCOMPILE_MODEL_PATH", (), _parse_dirs,
+    "Directories (':'-separated) of model files searched by config.json's model_type, after "
+    "--model-path (models/__init__.py).",
+)
+
 ALL: tuple[EnvVar, ...] = (TSCOMPILE_KERNELS, TSCOMPILE_DUMP, TSCOMPILE_LOG_KERNELS,
-                           TSCOMPILE_CUDA_CACHE)
+                           TSCOMPILE_CUDA_CACHE, TSCOMPILE_MODEL_PATH)
