@@ -3,8 +3,9 @@ each with a `reference` backend in plain torch and a registry that picks a backe
 device, arch, dtype and shape (`kernels/registry.py`).
 
 Importing this package registers every op. Op families, one file each:
-norm (rms_norm, fused_add_rms_norm), rope, activation (silu_and_mul), gqa (paged GQA),
-mla (paged MLA), moe (moe_route, moe_experts), sample. The paged KV layout: `paged.py`.
+norm (rms_norm, fused_add_rms_norm, layer_norm, fused_add_layer_norm), rope, activation
+(silu_and_mul), gqa (paged GQA), mla (paged MLA), moe (moe_route, moe_experts), sample.
+The paged KV layout: `paged.py`.
 """
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ from __future__ import annotations
 # the canonical modules, not load second copies that would re-register every custom op.
 from tscompile.kernels.activation import silu_and_mul
 from tscompile.kernels.collectives import (
-    all_gather, all_reduce, all_reduce_add_rms_norm, all_to_all, reduce_scatter,
+    all_gather, all_reduce, all_reduce_add_layer_norm, all_reduce_add_rms_norm, all_to_all,
+    reduce_scatter,
 )
 from tscompile.kernels.gqa import gqa_attention, gqa_decode, gqa_prefill
 from tscompile.kernels.mla import mla_attention, mla_decode, mla_prefill
 from tscompile.kernels.moe import moe_experts, moe_route
-from tscompile.kernels.norm import fused_add_rms_norm, rms_norm
+from tscompile.kernels.norm import fused_add_layer_norm, fused_add_rms_norm, layer_norm, rms_norm
 from tscompile.kernels.paged import AttentionMetadata, build_metadata
 from tscompile.kernels.registry import REGISTRY, Query, direct_ops
 from tscompile.kernels.rope import rope, rope_cos_sin_cache
@@ -28,8 +30,8 @@ from tscompile.kernels import cuda as _cuda_backends  # noqa: E402,F401  (regist
 
 __all__ = [
     "AttentionMetadata", "REGISTRY", "Query", "all_gather", "all_reduce",
-    "all_reduce_add_rms_norm", "all_to_all", "build_metadata", "direct_ops",
-    "fused_add_rms_norm",
+    "all_reduce_add_layer_norm", "all_reduce_add_rms_norm", "all_to_all", "build_metadata",
+    "direct_ops", "fused_add_layer_norm", "fused_add_rms_norm", "layer_norm",
     "gqa_attention", "gqa_decode", "gqa_prefill", "mla_attention", "mla_decode", "mla_prefill",
     "moe_experts", "moe_route", "reduce_scatter", "rms_norm",
     "rope", "rope_cos_sin_cache", "sample", "silu_and_mul",

@@ -25,6 +25,8 @@ The redistribution table (DESIGN.md, compile step 4). W ranks; a per-rank dim of
     S(a) → S(b)   all_to_all(x, split_dim=b, concat_dim=a)   b: n → n / W, a: n → n * W
     P + R → R, then RMSNorm: all_reduce_add_rms_norm(x, residual, weight, eps), the fused
     `s = residual + all_reduce(x); y = rms_norm(s, weight, eps)` -> (y, s).
+    P + R → R, then LayerNorm: all_reduce_add_layer_norm(x, residual, weight, bias, eps),
+    the same with `y = layer_norm(s, weight, bias, eps)`.
 
 Ops:
 * `all_reduce(x) -> [..]`: the sum over ranks; every rank gets the same values.
@@ -35,6 +37,9 @@ Ops:
   part j goes to rank j; the W received parts are concatenated along concat_dim in rank
   order (expert dispatch/combine: S(a) → S(b)).
 * `all_reduce_add_rms_norm(x, residual, weight, eps) -> (y, s)`, as above.
+* `all_reduce_add_layer_norm(x, residual, weight, bias, eps) -> (y, s)`, as above (bias may
+  be None); its "triton" backend (kernels/triton/norm.py) is this all-reduce followed by
+  the Triton add + LayerNorm kernel.
 
 Napkin math (ring algorithms, N = bytes of the full unsharded tensor): all-reduce sends
 2(W-1)/W * N per rank, reduce-scatter and all-gather (W-1)/W * N each (an all-reduce is the
@@ -47,7 +52,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .norm import fused_add_rms_norm_reference
+from .norm import (
+    check_layer_norm_params, fused_add_layer_norm_reference, fused_add_rms_norm_reference,
+)
 from .registry import dispatch, kernel_op, register
 
 # torch >= 2.13 names the tensor (not list) forms `*_single`; older releases only have
@@ -141,6 +148,15 @@ def all_reduce_add_rms_norm_reference(
     return fused_add_rms_norm_reference(all_reduce_reference(x), residual, weight, eps)
 
 
+@register("all_reduce_add_layer_norm", "reference")
+def all_reduce_add_layer_norm_reference(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # The unfused sequence, as for RMSNorm above.
+    return fused_add_layer_norm_reference(all_reduce_reference(x), residual, weight, bias, eps)
+
+
 # ---------------------------------------------------------------------------------------
 # Public ops
 
@@ -228,4 +244,31 @@ def all_reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: tor
 @all_reduce_add_rms_norm.register_fake
 def _(x, residual, weight, eps):
     _check_add_norm(x, residual, weight)
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+def _check_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                          bias: torch.Tensor | None) -> None:
+    if residual.shape != x.shape:
+        raise ValueError(f"all_reduce_add_layer_norm: residual {list(residual.shape)} must "
+                         f"have x's shape {list(x.shape)}")
+    check_layer_norm_params("all_reduce_add_layer_norm", x, weight, bias)
+
+
+@kernel_op("all_reduce_add_layer_norm")
+def all_reduce_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                              bias: torch.Tensor | None,
+                              eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [.., H] partial (P), residual [.., H] replicated (R), weight/bias [H] (R; bias may
+    be None) -> (layer_norm(s, weight, bias, eps), s) with s = residual + all_reduce(x),
+    both R."""
+    _check_add_layer_norm(x, residual, weight, bias)
+    normed, summed = dispatch("all_reduce_add_layer_norm", x, residual, weight, bias, eps,
+                              world_size=_world_size())
+    return normed.contiguous(), summed.contiguous()
+
+
+@all_reduce_add_layer_norm.register_fake
+def _(x, residual, weight, bias, eps):
+    _check_add_layer_norm(x, residual, weight, bias)
     return torch.empty_like(x), torch.empty_like(x)

@@ -10,7 +10,21 @@ The cache may be fp8-e4m3 (`tsrun --kv-cache-dtype fp8`): each K/V tile is upcas
 dtype after the load, so the dots and the softmax are those of a bf16 cache on half the
 bytes. No host synchronisation and no data-dependent launch shape: both run inside
 CUDA-graph capture. What it is not: the cache write (`gqa_attention` does that before
-dispatching), per-head fp8 scales, sliding windows, soft-capping or ALiBi.
+dispatching), per-head fp8 scales or ALiBi.
+
+Variants (semantics: `kernels/gqa.py`), each a constexpr flag, so the plain path compiles
+to the same code as without them:
+* sliding window W: decode reads only the last W keys (the splits divide
+  `[max(L - W, 0), L)`, and S is picked for min(capacity, W)); a prefill query tile starts
+  at the window of its first query, `prefix + m0 - W + 1`, with one masked phase for the
+  tiles that cross the window's lower edge before the unmasked and diagonal phases. Keys
+  before the window of a chunk's first query (and their block-table entries) are never
+  read, so their pages may hold anything.
+* sinks: folded in once per row after the key loop (decode: in the reduction when S > 1)
+  as `l = l * 2^(m - m') + 2^(s_h log2(e) - m')`, `m' = max(m, s_h log2(e))`.
+* softcap c: `s <- (c / scale) * tanh(s * scale / c)` on each QK^T tile before the max, so
+  the rest of the loop is unchanged. tanh is computed as (1 - e^-2|x|) / (1 + e^-2|x|) with
+  exp2 (the interpreter has no libdevice): one more exp2 and a division per score.
 
 Legend: B sequences, T query tokens, Hq query heads, Hkv KV heads, G = Hq / Hkv query heads
 per KV head, D head dim, L context length, PS page size, S splits of the context.
@@ -28,6 +42,8 @@ second launch).
     FLOPs  = 4 * L * Hq * D per sequence: bf16 intensity 4 Hq D / (2 Hkv D 2) = G FLOP/byte,
     memory bound by far (H100: ~3 TB/s vs ~800 TFLOP/s, ridge ~270 FLOP/byte).
     e.g. Llama-3.1-8B (Hq 32, Hkv 8, D 128) bf16, 32 x 8K: 1.07 GB of K/V -> ~360 us at 3 TB/s.
+    With a window W, L -> min(L, W): GPT-OSS-20B's windowed layers (W 128, Hkv 8, D 64)
+    read 256 KB per sequence whatever the context, launch-latency bound at small batch.
 S is picked on the host from the static shapes (B, Hkv, the block table's capacity
 MB*PS, the SM count): the most splits that keep B*Hkv*S within one wave of resident programs
 (4 per SM), so the GPU fills at B=1 and 128K context (S = 64, 2K tokens per program) and
@@ -67,6 +83,7 @@ PRIO = -10 if INTERPRET else 10
 _LOG2E = 1.4426950408889634
 _MAX_HEAD_DIM = 128               # tuned for 64 and 128; larger D: reference
 _MAX_GROUP = 128
+_LOG2E_C: tl.constexpr = tl.constexpr(_LOG2E)
 
 
 def _shape_check(q: Query) -> str | None:
@@ -76,6 +93,7 @@ def _shape_check(q: Query) -> str | None:
     return None
 
 
+# Every variant of kernels/gqa.py (sliding_window, sinks, softcap) runs here: nothing to refuse.
 REQ = requirements(frozenset({torch.bfloat16, torch.float16, torch.float32}), _shape_check)
 
 
@@ -94,19 +112,41 @@ def _fp32_dot(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (INTERPRET and dtype == torch.bfloat16)
 
 
+@triton.jit
+def _softcap(s, cap_in, cap_out):
+    # cap_out * tanh(s * cap_in), with cap_in = scale / c and cap_out = c / scale: the capped
+    # score c * tanh(s * scale / c) divided by scale again, so the caller's `s * qk_scale`
+    # stays as it is. tanh|x| = (1 - e^-2|x|) / (1 + e^-2|x|): no overflow for any x.
+    x = s * cap_in
+    t = tl.exp2(tl.abs(x) * (-2.0 * _LOG2E_C))
+    th = (1.0 - t) / (1.0 + t)
+    return tl.where(x < 0, -th, th) * cap_out
+
+
+@triton.jit
+def _fold_sink(m_i, l_i, acc, sink):
+    # The sink as one more key of value 0: rescale to m' = max(m, sink), add 2^(sink - m').
+    # All in log2 units; m_i = -inf (no key) gives alpha = 0 and l = 1, out = 0.
+    m_f = tl.maximum(m_i, sink)
+    alpha = tl.exp2(m_i - m_f)
+    return l_i * alpha + tl.exp2(sink - m_f), acc * alpha[:, None]
+
+
 # ----------------------------------------------------------------------------------------
 # Decode
 # ----------------------------------------------------------------------------------------
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, out_ptr, m_ptr, l_ptr, acc_ptr,
+    q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, out_ptr, m_ptr, l_ptr, acc_ptr, sinks_ptr,
     qk_scale,                                  # scale * log2(e)
+    window, cap_in, cap_out,                   # variants (read only under their flags)
     stride_qb, stride_qh, stride_ob, stride_oh,
     stride_cblk, stride_cslot, stride_chead,   # kv_cache[i] strides (block, slot, head)
     stride_btb,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, FP32_DOT: tl.constexpr,
+    WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -114,8 +154,14 @@ def _decode_split_kernel(
     hq = tl.num_programs(1) * G
 
     seq_len = tl.load(seq_lens_ptr + b)
-    chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * chunk
+    if WINDOW:
+        # The query (position seq_len - 1) sees [seq_len - window, seq_len): split that.
+        lo = tl.maximum(seq_len - window, 0)
+        chunk = tl.cdiv(tl.cdiv(seq_len - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        start = lo + split * chunk
+    else:
+        chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        start = split * chunk
     end = tl.minimum(start + chunk, seq_len)
 
     offs_g = tl.arange(0, BLOCK_G)
@@ -143,6 +189,8 @@ def _decode_split_kernel(
         v = tl.load(v_ptr + row[:, None] + offs_d[None, :], mask=kv_mask,
                     other=0.0).to(q_ptr.dtype.element_ty)
         s = _dot(q, tl.trans(k), FP32_DOT)                            # [BG, BN]
+        if SOFTCAP:
+            s = _softcap(s, cap_in, cap_out)
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)              # log2 units
         alpha = tl.exp2(m_i - m_new)
@@ -152,6 +200,9 @@ def _decode_split_kernel(
         m_i = m_new
 
     if NUM_SPLITS == 1:
+        if HAS_SINKS:
+            sink = tl.load(sinks_ptr + heads, mask=g_mask, other=0.0).to(tl.float32)
+            l_i, acc = _fold_sink(m_i, l_i, acc, sink * _LOG2E_C)
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
@@ -166,9 +217,9 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_reduce_kernel(
-    m_ptr, l_ptr, acc_ptr, out_ptr, stride_ob, stride_oh,
+    m_ptr, l_ptr, acc_ptr, out_ptr, sinks_ptr, stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -180,9 +231,14 @@ def _decode_reduce_kernel(
     ms = tl.load(m_ptr + row * NUM_SPLITS + offs_s, mask=s_mask, other=float("-inf"))
     ls = tl.load(l_ptr + row * NUM_SPLITS + offs_s, mask=s_mask, other=0.0)
     m = tl.max(ms, 0)
+    if HAS_SINKS:                                   # the sink joins the max and the sum
+        sink = tl.load(sinks_ptr + h).to(tl.float32) * _LOG2E_C
+        m = tl.maximum(m, sink)
     m = tl.where(m == float("-inf"), 0.0, m)        # every split empty (seq_len 0): no NaN
     w = tl.exp2(ms - m)                             # empty splits: exp2(-inf) = 0
     l_sum = tl.sum(ls * w, 0)
+    if HAS_SINKS:
+        l_sum += tl.exp2(sink - m)
     accs = tl.load(acc_ptr + (row.to(tl.int64) * NUM_SPLITS + offs_s)[:, None] * HEAD_DIM
                    + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0)
     out = tl.sum(accs * w[:, None], 0) / tl.where(l_sum > 0, l_sum, 1.0)
@@ -219,9 +275,19 @@ def _contig_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _variant_args(scale: float, window: int, sinks: torch.Tensor | None, softcap: float,
+                  dummy: torch.Tensor) -> tuple[torch.Tensor, int, float, float, dict]:
+    """(sinks pointer, window, cap_in, cap_out, constexpr flags) for a kernel launch."""
+    flags = dict(WINDOW=window > 0, HAS_SINKS=sinks is not None, SOFTCAP=softcap > 0)
+    cap_in, cap_out = (scale / softcap, softcap / scale) if softcap > 0 else (1.0, 1.0)
+    return (dummy if sinks is None else sinks.contiguous()), max(window, 0), cap_in, cap_out, flags
+
+
 def decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-           seq_lens: torch.Tensor, scale: float, *, splits: int | None = None,
-           block_n: int | None = None, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+           seq_lens: torch.Tensor, scale: float, window: int = 0,
+           sinks: torch.Tensor | None = None, softcap: float = 0.0, *,
+           splits: int | None = None, block_n: int | None = None, num_warps: int = 4,
+           num_stages: int = 3) -> torch.Tensor:
     """q [B, Hq, D] -> [B, Hq, D]; keyword arguments override the launch heuristics."""
     batch, hq, d = q.shape
     _, _, page_size, hkv, _ = kv_cache.shape
@@ -234,7 +300,9 @@ def decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
     if group > _MAX_GROUP:
         raise ValueError(f"gqa_decode (triton): {group} query heads per KV head > {_MAX_GROUP}")
     if splits is None:
-        splits = num_splits(batch, hkv, block_tables.shape[1] * page_size, q.device)
+        context = block_tables.shape[1] * page_size           # the longest a sequence can be
+        splits = num_splits(batch, hkv, min(context, window) if window > 0 else context,
+                            q.device)
     if block_n is None:
         block_n = 16 if INTERPRET else 64
     block_d = max(16, triton.next_power_of_2(d))
@@ -246,18 +314,21 @@ def decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
         acc = torch.empty(batch, hq, splits, d, dtype=torch.float32, device=q.device)
     else:
         m = l = acc = out                          # unused by the kernel when S == 1
+    sinks_arg, window, cap_in, cap_out, flags = _variant_args(scale, window, sinks, softcap, q)
     _decode_split_kernel[(batch, hkv, splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, m, l, acc,
-        scale * _LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        q, k_cache, v_cache, block_tables, seq_lens, out, m, l, acc, sinks_arg,
+        scale * _LOG2E, window, cap_in, cap_out,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         G=group, HEAD_DIM=d, PAGE_SIZE=page_size, NUM_SPLITS=splits, BLOCK_G=block_g,
-        BLOCK_D=block_d, BLOCK_N=block_n, FP32_DOT=_fp32_dot(q.dtype),
+        BLOCK_D=block_d, BLOCK_N=block_n, FP32_DOT=_fp32_dot(q.dtype), **flags,
         num_warps=num_warps, num_stages=num_stages,
     )
     if splits > 1:
         _decode_reduce_kernel[(batch, hq)](
-            m, l, acc, out, out.stride(0), out.stride(1), HEAD_DIM=d, NUM_SPLITS=splits,
-            BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d, num_warps=4,
+            m, l, acc, out, sinks_arg, out.stride(0), out.stride(1), HEAD_DIM=d,
+            NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d,
+            HAS_SINKS=flags["HAS_SINKS"], num_warps=4,
         )
     return out
 
@@ -267,13 +338,15 @@ def decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
 # ----------------------------------------------------------------------------------------
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, out_ptr,
+    q_ptr, k_ptr, v_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, out_ptr, sinks_ptr,
     qk_scale, num_seqs,
+    window, cap_in, cap_out,                   # variants (read only under their flags)
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cblk, stride_cslot, stride_chead, stride_btb,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     FP32_DOT: tl.constexpr,
+    WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     # Heaviest tiles (the last ones of the last sequences) first.
     tile = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -315,7 +388,41 @@ def _prefill_kernel(
 
     # 1) Keys every row sees: [0, prefix + m0) rounded down to whole tiles, no mask.
     full_end = (prefix + m0) // BLOCK_N * BLOCK_N
-    for n0 in range(0, full_end, BLOCK_N):
+    n_first = 0
+    if WINDOW:
+        # 0) The window's lower edge: from the first row's first key, prefix + m0 - W + 1,
+        # up to the first key every row's window holds, prefix + m0 + BLOCK_M - W (in whole
+        # tiles from `lo`), masked; earlier keys are never loaded. Phase 1 then starts there
+        # (every key of it is in every row's window), and phase 2 needs no window mask.
+        lo = tl.maximum(prefix + m0 - window + 1, 0)
+        edge = tl.maximum(prefix + m0 + BLOCK_M - window, lo)
+        n_first = lo + tl.cdiv(edge - lo, BLOCK_N) * BLOCK_N
+        for n0 in range(lo, n_first, BLOCK_N):
+            pos = n0 + offs_n
+            n_mask = pos < seq_len
+            blk = tl.load(bt_row + pos // PAGE_SIZE, mask=n_mask, other=0)
+            row = blk.to(tl.int64) * stride_cblk + (pos % PAGE_SIZE) * stride_cslot + head_off
+            kv_mask = n_mask[:, None] & d_mask[None, :]
+            k = tl.load(k_ptr + row[:, None] + offs_d[None, :], mask=kv_mask,
+                        other=0.0).to(q_ptr.dtype.element_ty)
+            v = tl.load(v_ptr + row[:, None] + offs_d[None, :], mask=kv_mask,
+                        other=0.0).to(q_ptr.dtype.element_ty)
+            s = _dot(q, tl.trans(k), FP32_DOT)
+            if SOFTCAP:
+                s = _softcap(s, cap_in, cap_out)
+            visible = ((pos[None, :] <= q_pos[:, None]) & (pos[None, :] > q_pos[:, None] - window)
+                       & n_mask[None, :])
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            # A row whose keys in this tile are all hidden (m_new = -inf so far): no NaN.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s * qk_scale - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, FP32_DOT)
+            m_i = m_new
+        full_end = n_first + tl.maximum(prefix + m0 - n_first, 0) // BLOCK_N * BLOCK_N
+    for n0 in range(n_first, full_end, BLOCK_N):
         pos = n0 + offs_n
         blk = tl.load(bt_row + pos // PAGE_SIZE)
         row = blk.to(tl.int64) * stride_cblk + (pos % PAGE_SIZE) * stride_cslot + head_off
@@ -324,6 +431,8 @@ def _prefill_kernel(
         v = tl.load(v_ptr + row[:, None] + offs_d[None, :], mask=d_mask[None, :],
                     other=0.0).to(q_ptr.dtype.element_ty)
         s = _dot(q, tl.trans(k), FP32_DOT)                            # [BM, BN]
+        if SOFTCAP:
+            s = _softcap(s, cap_in, cap_out)
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)              # log2 units
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s * qk_scale - m_new[:, None])                    # one FMA a score
@@ -344,6 +453,8 @@ def _prefill_kernel(
         v = tl.load(v_ptr + row[:, None] + offs_d[None, :], mask=kv_mask,
                     other=0.0).to(q_ptr.dtype.element_ty)
         s = _dot(q, tl.trans(k), FP32_DOT)
+        if SOFTCAP:
+            s = _softcap(s, cap_in, cap_out)
         visible = (pos[None, :] <= q_pos[:, None]) & n_mask[None, :]
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
@@ -353,6 +464,9 @@ def _prefill_kernel(
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, FP32_DOT)
         m_i = m_new
 
+    if HAS_SINKS:
+        sink = tl.load(sinks_ptr + h).to(tl.float32) * _LOG2E_C
+        l_i, acc = _fold_sink(m_i, l_i, acc, sink)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + tok[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
@@ -371,7 +485,8 @@ def _prefill_config(d: int) -> tuple[int, int, int, int]:
 
 
 def prefill(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-            query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float, *,
+            query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+            window: int = 0, sinks: torch.Tensor | None = None, softcap: float = 0.0, *,
             block_m: int | None = None, block_n: int | None = None,
             num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """q [T, Hq, D] -> [T, Hq, D]; keyword arguments override the tile configuration."""
@@ -388,12 +503,14 @@ def prefill(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
     nw, ns = num_warps or nw, num_stages or ns
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     grid = (tokens // bm + num_seqs, hq)
+    sinks_arg, window, cap_in, cap_out, flags = _variant_args(scale, window, sinks, softcap, q)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out,
-        scale * _LOG2E, num_seqs, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out, sinks_arg,
+        scale * _LOG2E, num_seqs, window, cap_in, cap_out,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         G=hq // hkv, HEAD_DIM=d, PAGE_SIZE=page_size, BLOCK_M=bm, BLOCK_N=bn,
-        BLOCK_D=max(16, triton.next_power_of_2(d)), FP32_DOT=_fp32_dot(q.dtype),
+        BLOCK_D=max(16, triton.next_power_of_2(d)), FP32_DOT=_fp32_dot(q.dtype), **flags,
         num_warps=nw, num_stages=ns,
     )
     return out
@@ -403,10 +520,13 @@ def prefill(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
 # Registered entry points (signatures of the references in kernels/gqa.py)
 # ----------------------------------------------------------------------------------------
 @register("gqa_decode", "triton", priority=PRIO, requires=REQ)
-def gqa_decode_triton(q, kv_cache, block_tables, seq_lens, scale):
-    return decode(q, kv_cache, block_tables, seq_lens, scale)
+def gqa_decode_triton(q, kv_cache, block_tables, seq_lens, scale, window=0, sinks=None,
+                      softcap=0.0):
+    return decode(q, kv_cache, block_tables, seq_lens, scale, window, sinks, softcap)
 
 
 @register("gqa_prefill", "triton", priority=PRIO, requires=REQ)
-def gqa_prefill_triton(q, kv_cache, block_tables, query_start_loc, seq_lens, scale):
-    return prefill(q, kv_cache, block_tables, query_start_loc, seq_lens, scale)
+def gqa_prefill_triton(q, kv_cache, block_tables, query_start_loc, seq_lens, scale, window=0,
+                       sinks=None, softcap=0.0):
+    return prefill(q, kv_cache, block_tables, query_start_loc, seq_lens, scale, window, sinks,
+                   softcap)

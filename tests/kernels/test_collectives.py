@@ -1,6 +1,8 @@
 """Collectives on real CPU process groups (gloo) against a single-process computation of the
 same math on the full tensors; the fused all-reduce + add + RMSNorm bitwise against the
-unfused sequence; identity behaviour without torch.distributed; shape (fake) impls.
+unfused sequence, and the same for all_reduce + add + LayerNorm (with its Triton backend
+too, under the interpreter); identity behaviour without torch.distributed; shape (fake)
+impls.
 
 One spawn serves every world size: WORLD_SIZES[0] processes run the checks at that size,
 tear the group down, and the first WORLD_SIZES[1] of them form a new group, and so on.
@@ -23,8 +25,8 @@ import torch
 import torch.distributed as dist
 
 from tscompile.kernels import (
-    all_gather, all_reduce, all_reduce_add_rms_norm, all_to_all, fused_add_rms_norm,
-    reduce_scatter,
+    all_gather, all_reduce, all_reduce_add_layer_norm, all_reduce_add_rms_norm, all_to_all,
+    fused_add_layer_norm, fused_add_rms_norm, reduce_scatter,
 )
 
 WORLD_SIZES = (4, 2)             # descending: each later group is a prefix of the ranks
@@ -54,6 +56,7 @@ def shared_inputs(world: int) -> dict[str, torch.Tensor]:
         "residual": torch.randn(6, 16, generator=g),
         "weight": torch.rand(16, generator=g) + 0.5,
         "full": torch.randn(8, 12, generator=g),         # for the S(0) → S(1) row
+        "bias": torch.randn(16, generator=g),            # LayerNorm's
     }
 
 
@@ -77,6 +80,14 @@ def run_checks(world: int, rank: int) -> dict:
     out["fused"] = all_reduce_add_rms_norm(inp["x"], residual, weight, EPS)
     out["unfused"] = fused_add_rms_norm(all_reduce(inp["x"]), residual, weight, EPS)
     out["input_untouched"] = torch.equal(inp["x"], rank_inputs(world, rank)["x"])
+    bias = shared["bias"]
+    out["fused_ln"] = all_reduce_add_layer_norm(inp["x"], residual, weight, bias, EPS)
+    out["unfused_ln"] = fused_add_layer_norm(all_reduce(inp["x"]), residual, weight, bias, EPS)
+    try:       # the triton backend (interpreter here): the reference all-reduce, then its kernel
+        from tscompile.kernels.triton.norm import all_reduce_add_layer_norm_triton
+        out["triton_ln"] = all_reduce_add_layer_norm_triton(inp["x"], residual, weight, bias, EPS)
+    except ImportError:
+        out["triton_ln"] = None
 
     errors = {}
     for name, call in [("reduce_scatter", lambda: reduce_scatter(torch.zeros(4, 5), 1)),
@@ -214,6 +225,23 @@ def test_fused_all_reduce_add_rms_norm(results, world):
         torch.testing.assert_close(s, want_s, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-5)
         assert o["input_untouched"]
+
+
+@world_sizes
+def test_fused_all_reduce_add_layer_norm(results, world):
+    shared = shared_inputs(world)
+    total = sum(rank_inputs(world, r)["x"] for r in range(world))
+    want_y, want_s = fused_add_layer_norm(total, shared["residual"], shared["weight"],
+                                          shared["bias"], EPS)
+    for r, o in enumerate(results[world]):
+        (y, s), (uy, us) = o["fused_ln"], o["unfused_ln"]
+        assert torch.equal(y, uy) and torch.equal(s, us), f"rank {r}: fused != unfused"
+        torch.testing.assert_close(s, want_s, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-5)
+        if o["triton_ln"] is not None:
+            ty, ts = o["triton_ln"]
+            assert torch.equal(ts, s)
+            torch.testing.assert_close(ty, y, rtol=1e-5, atol=1e-5)
 
 
 @world_sizes
