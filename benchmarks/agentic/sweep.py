@@ -7,7 +7,9 @@ every level replays the same shapes), and write into the output folder:
     requests.csv   one row per request (raw; metrics can be recomputed from it)
     summary.json   metadata (server URL, model, tsrun's kernel per op, gpus, date, git
                    commit, workload, client settings) + per-level metrics + the headline at
-                   the TPS/user floors
+                   the TPS/user floors + the "ceiling" block (ceiling.py: the roofline
+                   ceiling for this workload, model and card, and the fraction of it measured
+                   at each floor) when a model and roofs are given
     pareto.png     TPS/user against output TPM/GPU
 
 What it is not: a server launcher (start tsrun, vLLM, ... yourself and pass --url).
@@ -27,6 +29,7 @@ from typing import Any
 
 import httpx
 
+from . import ceiling as CE
 from . import client as C
 from . import metrics as M
 from . import plot as P
@@ -98,8 +101,31 @@ def metadata(ccfg: C.ClientConfig, scfg: SweepConfig, model: str, models: list[s
             "host": {"platform": platform.platform(), "python": sys.version.split()[0]}}
 
 
+@dataclass(frozen=True, slots=True)
+class CeilingSpec:
+    """What the ceiling needs besides the workload: the model's sizes and the card's roofs."""
+    model: CE.ModelStats
+    roofs: CE.Roofs
+    kv_pool_tokens: float | None = None
+    gpu_memory_bytes: float | None = None
+
+
+def ceiling_block(spec: CeilingSpec | None, scfg: SweepConfig, sessions: list[Session],
+                  levels: list[dict[str, Any]] | None = None,
+                  headline: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    if spec is None:
+        return {"reason": "not computed: pass the model (--ceiling-preset or --ceiling-program) "
+                          "and the roofs (--roofs FILE, --measure-roofs, or --bw and --flops)"}
+    return CE.block(spec.model, CE.workload_stats(sessions, "the replayed workload"),
+                    spec.roofs, gpus=scfg.gpus, kv_pool_tokens=spec.kv_pool_tokens,
+                    gpu_memory_bytes=spec.gpu_memory_bytes, floors=scfg.floors,
+                    levels=levels, headline=headline)
+
+
 def run_sweep(ccfg: C.ClientConfig, scfg: SweepConfig, sessions: list[Session],
-              workload: dict[str, Any] | None = None) -> dict[str, Any]:
+              workload: dict[str, Any] | None = None,
+              ceiling: CeilingSpec | None = None) -> dict[str, Any]:
+    ceiling_block(ceiling, scfg, sessions)      # bad ceiling inputs fail before the levels
     out = Path(scfg.out)
     out.mkdir(parents=True, exist_ok=True)
     models = server_models(ccfg)
@@ -126,7 +152,9 @@ def run_sweep(ccfg: C.ClientConfig, scfg: SweepConfig, sessions: list[Session],
         levels.append(lv)
         print(format_level(lv), file=sys.stderr, flush=True)
     M.write_csv(out / "requests.csv", records)
-    summary = {"metadata": meta, "levels": levels, "headline": M.headline(levels, scfg.floors)}
+    headline = M.headline(levels, scfg.floors)
+    summary = {"metadata": meta, "levels": levels, "headline": headline,
+               "ceiling": ceiling_block(ceiling, scfg, sessions, levels, headline)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     P.pareto([summary], out / "pareto.png", scfg.floors)
     return summary
@@ -156,4 +184,6 @@ def format_headline(summary: dict[str, Any]) -> str:
         lines.append(f"output TPM/GPU at {h['floor_tps_user']:g} TPS/user: "
                      + (f"{v:.0f} (between c={h['between_concurrency']})" if v is not None
                         else f"null ({h['reason']})"))
+    for fr in ((summary.get("ceiling") or {}).get("fraction_of_ceiling") or {}).values():
+        lines.append(CE.format_fraction(fr))
     return "\n".join(lines)
