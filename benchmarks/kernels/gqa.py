@@ -50,7 +50,12 @@ def decode_case(batch: int, ctx: int, d: int = 128, **launch: Any) -> dict[str, 
             "flops": 4 * batch * ctx * HQ * d}
 
 
-def prefill_case(chunk: int, prefix: int, d: int = 128, **launch: Any) -> dict[str, Any]:
+def _k(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def prefill_case(chunk: int, prefix: int, d: int = 128, tag: str = "",
+                 **launch: Any) -> dict[str, Any]:
     total = prefix + chunk
 
     def build(device: torch.device) -> Callable[[], torch.Tensor]:
@@ -62,7 +67,7 @@ def prefill_case(chunk: int, prefix: int, d: int = 128, **launch: Any) -> dict[s
         q = torch.randn(chunk, HQ, d, dtype=torch.bfloat16, device=device)
         return lambda: prefill(q, cache, tables, qsl, seq_lens, d ** -0.5, **launch)
 
-    return {"name": f"gqa_prefill_{chunk // 1024}k_over_{prefix // 1024}k_d{d}",
+    return {"name": f"gqa_prefill_{_k(chunk)}_over_{_k(prefix)}_d{d}{tag}",
             "build": build,
             "shapes": f"q [{chunk}, {HQ}, {d}], prefix {prefix}, bf16",
             "bytes": 2 * chunk * HQ * d * ELEM + 2 * total * HKV * d * ELEM + total // PAGE * 4,
@@ -78,6 +83,10 @@ CASES: list[dict[str, Any]] = [
     prefill_case(4096, 0),
     prefill_case(4096, 16384),
     prefill_case(4096, 16384, d=64),
+    # Short chunks over long cached prefixes (an agent's next turn): the split-KV kernel
+    # (default) against the plain one (splits=1).
+    *(prefill_case(c, p, tag=t, **kw) for c in (16, 128, 512, 2048) for p in (8192, 32768)
+      for t, kw in (("", {}), ("_plain", {"splits": 1}))),
 ]
 
 

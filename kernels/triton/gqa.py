@@ -254,10 +254,13 @@ def _sm_count(device: torch.device) -> int:
 
 
 def num_splits(batch: int, kv_heads: int, max_context: int, device: torch.device,
-               *, programs_per_sm: int = 4, min_chunk: int = 512, max_splits: int = 64) -> int:
+               *, programs_per_sm: int = 4, min_chunk: int = 128, max_splits: int = 64) -> int:
     """Splits of each sequence's context: the most that keep batch * kv_heads * S within one
     wave of resident programs (`programs_per_sm` per SM: the split kernel's occupancy at
-    4 warps), with at least `min_chunk` tokens of the longest possible context per split.
+    4 warps), with at least `min_chunk` tokens of the longest possible context per split
+    (128, two key tiles: at 512, batch 1 of an engine with a 2.6K max_model_len got 6
+    splits, 48 programs on 132 SMs, and its 2K-context decode took 12.7 us a layer for
+    8 MB of K/V on an H200; benchmarks/results/engine_step/).
     Rounding down matters: 8 x 32K at S=9 on an H100 is 576 programs for 528 slots, and its
     48-program second wave, run on a mostly idle GPU, made it slower than S=8 (the times:
     benchmarks/results/kernels/NOTES_from_docstrings.md)."""
@@ -472,6 +475,113 @@ def _prefill_kernel(
              out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
+@triton.jit
+def _prefill_split_kernel(
+    q_ptr, k_ptr, v_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, m_ptr, l_ptr, acc_ptr,
+    qk_scale, num_seqs,
+    window, cap_in, cap_out,
+    stride_qt, stride_qh,
+    stride_cblk, stride_cslot, stride_chead, stride_btb,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, FP32_DOT: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+):
+    """Split-KV prefill: program (tile, h, split) runs the online softmax of one query tile
+    over the split-th slice of the keys its rows can see and writes unnormalised partials
+    (max, sum, acc) [T, Hq, S], reduced by `_decode_reduce_kernel` (sinks folded there)."""
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    split = tl.program_id(2)
+    kvh = h // G
+    lo = tl.zeros((), tl.int32)
+    hi = lo + num_seqs
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        first = tl.load(qsl_ptr + mid) // BLOCK_M + mid
+        lo = tl.where(first <= tile, mid, lo)
+        hi = tl.where(first <= tile, hi, mid)
+    b = lo
+    q_start = tl.load(qsl_ptr + b)
+    q_len = tl.load(qsl_ptr + b + 1) - q_start
+    m0 = (tile - (q_start // BLOCK_M + b)) * BLOCK_M
+    if m0 >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + b)
+    prefix = seq_len - q_len
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    m_mask = offs_m < q_len
+    d_mask = offs_d < HEAD_DIM
+    tok = (q_start + offs_m).to(tl.int64)
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    q_pos = prefix + offs_m
+
+    # The tile's keys: [k_lo, k_hi), k_hi past its last row's position; split in BLOCK_N
+    # multiples so no two programs load the same key.
+    k_hi = tl.minimum(prefix + m0 + BLOCK_M, seq_len)
+    k_lo = 0
+    if WINDOW:
+        k_lo = tl.maximum(prefix + m0 - window + 1, 0)
+    chunk = tl.cdiv(tl.cdiv(k_hi - k_lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = k_lo + split * chunk
+    end = tl.minimum(start + chunk, k_hi)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_btb
+    head_off = kvh * stride_chead
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + offs_n
+        n_mask = pos < end
+        blk = tl.load(bt_row + pos // PAGE_SIZE, mask=n_mask, other=0)
+        row = blk.to(tl.int64) * stride_cblk + (pos % PAGE_SIZE) * stride_cslot + head_off
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_ptr + row[:, None] + offs_d[None, :], mask=kv_mask,
+                    other=0.0).to(q_ptr.dtype.element_ty)
+        v = tl.load(v_ptr + row[:, None] + offs_d[None, :], mask=kv_mask,
+                    other=0.0).to(q_ptr.dtype.element_ty)
+        s = _dot(q, tl.trans(k), FP32_DOT)
+        if SOFTCAP:
+            s = _softcap(s, cap_in, cap_out)
+        visible = (pos[None, :] <= q_pos[:, None]) & n_mask[None, :]
+        if WINDOW:
+            visible = visible & (pos[None, :] > q_pos[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)     # a row that sees nothing yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s * qk_scale - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, FP32_DOT)
+        m_i = m_new
+
+    ml = (tok * tl.num_programs(1) + h) * NUM_SPLITS + split        # [BM] partial rows
+    tl.store(m_ptr + ml, m_i, mask=m_mask)
+    tl.store(l_ptr + ml, l_i, mask=m_mask)
+    tl.store(acc_ptr + ml[:, None] * HEAD_DIM + offs_d[None, :], acc,
+             mask=m_mask[:, None] & d_mask[None, :])
+
+
+def prefill_splits(tokens: int, block_m: int, split_block_m: int, heads: int, context: int,
+                   device: torch.device, programs_per_sm: int = 4) -> int:
+    """Key splits of a prefill launch of `tokens` query tokens over `heads` heads: 1 (the
+    plain kernel, BLOCK_M = `block_m`) when its tiles fill a wave of the GPU; else the most
+    splits that keep the split kernel's tiles (`split_block_m`) x heads x S within one wave,
+    with >= 512 keys of the longest possible context a split: a short chunk over a long
+    cached prefix (an agent's next turn) would otherwise run on a few SMs, each streaming the
+    whole prefix. Tiles are counted as cdiv(tokens, BLOCK_M) + 1 (a chunk boundary may split
+    one more), not per sequence slot: empty slots' programs exit at once."""
+    if (triton.cdiv(tokens, block_m) + 1) * heads >= programs_per_sm * _sm_count(device):
+        return 1
+    return num_splits(triton.cdiv(tokens, split_block_m) + 1, heads, context, device,
+                      programs_per_sm=programs_per_sm, min_chunk=512)
+
+
 def _prefill_config(d: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim, tuned on H100."""
     if INTERPRET:
@@ -488,8 +598,10 @@ def prefill(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
             query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float,
             window: int = 0, sinks: torch.Tensor | None = None, softcap: float = 0.0, *,
             block_m: int | None = None, block_n: int | None = None,
-            num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
-    """q [T, Hq, D] -> [T, Hq, D]; keyword arguments override the tile configuration."""
+            num_warps: int | None = None, num_stages: int | None = None,
+            splits: int | None = None) -> torch.Tensor:
+    """q [T, Hq, D] -> [T, Hq, D]; keyword arguments override the tile configuration and
+    the number of key splits (`prefill_splits`; 1: the plain kernel)."""
     tokens, hq, d = q.shape
     _, _, page_size, hkv, _ = kv_cache.shape
     num_seqs = seq_lens.shape[0]
@@ -499,11 +611,39 @@ def prefill(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
         return out
     q, kv_cache = _contig_last(q), _contig_last(kv_cache)
     bm, bn, nw, ns = _prefill_config(d)
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    sinks_arg, window, cap_in, cap_out, flags = _variant_args(scale, window, sinks, softcap, q)
+    context = block_tables.shape[1] * page_size              # the longest a sequence can be
+    sm = block_m or (16 if INTERPRET else min(64, max(16, triton.next_power_of_2(tokens))))
+    if splits is None:
+        # From static shapes only (the launch may be inside a graph capture).
+        splits = prefill_splits(tokens, block_m or bm, sm, hq,
+                                min(context, window) if window > 0 else context, q.device)
+    if splits > 1:
+        # Few tiles: smaller query tiles (a short chunk pads less) and the keys split.
+        sn = block_n or (16 if INTERPRET else 64)
+        m = torch.empty(tokens, hq, splits, dtype=torch.float32, device=q.device)
+        l = torch.empty_like(m)
+        acc = torch.empty(tokens, hq, splits, d, dtype=torch.float32, device=q.device)
+        block_d = max(16, triton.next_power_of_2(d))
+        _prefill_split_kernel[(tokens // sm + num_seqs, hq, splits)](
+            q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, m, l, acc,
+            scale * _LOG2E, num_seqs, window, cap_in, cap_out, q.stride(0), q.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+            G=hq // hkv, HEAD_DIM=d, PAGE_SIZE=page_size, NUM_SPLITS=splits, BLOCK_M=sm,
+            BLOCK_N=sn, BLOCK_D=block_d, FP32_DOT=_fp32_dot(q.dtype),
+            WINDOW=flags["WINDOW"], SOFTCAP=flags["SOFTCAP"], num_warps=4,
+            num_stages=1 if INTERPRET else 3,
+        )
+        _decode_reduce_kernel[(tokens, hq)](
+            m, l, acc, out, sinks_arg, out.stride(0), out.stride(1), HEAD_DIM=d,
+            NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d,
+            HAS_SINKS=flags["HAS_SINKS"], num_warps=4,
+        )
+        return out
     bm, bn = block_m or bm, block_n or bn
     nw, ns = num_warps or nw, num_stages or ns
-    k_cache, v_cache = kv_cache[0], kv_cache[1]
     grid = (tokens // bm + num_seqs, hq)
-    sinks_arg, window, cap_in, cap_out, flags = _variant_args(scale, window, sinks, softcap, q)
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out, sinks_arg,
         scale * _LOG2E, num_seqs, window, cap_in, cap_out,

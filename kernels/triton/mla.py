@@ -34,8 +34,8 @@ q_len 4 step reads the cache once, like q_len 1, and only the last Q - 1 keys ar
     bound, the cache read sets the time. e.g. 16 heads, 32 x 32K: 1.21 GB -> ~400 us at 3 TB/s.
 S is picked on the host from static facts only (B, G, the block table's capacity MB*PS, the
 SM count), so the launch is CUDA-graph safe: B*G*S fills one wave of resident programs
-(rounded down: a few programs spilling into a second wave leave it mostly idle), >= 256 tokens
-per split of the longest possible context, at most 64 splits. When the page size is a
+(rounded down: a few programs spilling into a second wave leave it mostly idle), >= 64 tokens
+per split of the longest possible context (64: one key tile), at most 64 splits. When the page size is a
 multiple of BLOCK_N a tile lies in one page: one block-table load per tile, not per row
 (this also took the M = 16 kernel from 255 registers with spills to 135), issued one tile
 ahead and carried into the next iteration, so no tile address waits on a load of its own
@@ -246,7 +246,7 @@ def _sm_count(device: torch.device) -> int:
 
 
 def num_splits(batch: int, groups: int, max_context: int, device: torch.device, *,
-               programs_per_sm: int = 2, min_chunk: int = 256, max_splits: int = 64) -> int:
+               programs_per_sm: int = 2, min_chunk: int = 64, max_splits: int = 64) -> int:
     """Splits of each context so that batch * groups * S fills one wave of resident programs
     (programs_per_sm * SMs) without spilling into a second, mostly idle one (rounding down:
     9 splits of 32 sequences put 288 programs on 2 x 132 slots, slower than 8 on an H100;

@@ -330,6 +330,23 @@ def test_triton_prefill_matches_reference(name, spec, page_size, d):
 
 
 @needs_triton
+@pytest.mark.parametrize("name,spec", VARIANTS, ids=IDS)
+def test_triton_split_prefill_matches_reference(name, spec):
+    """The split-KV prefill with each variant: windows cut the splits' ranges, sinks are
+    folded in the reduction, the soft cap applies per split."""
+    gen = torch.Generator().manual_seed(len(name))
+    batch = paged_batch([(40, 3), (9, 1), (21, 40), (0, 12)], 4, 16, gen)
+    args = variant_args(spec, gen)
+    m = batch.meta
+    want = gqa_prefill_reference(batch.q, batch.cache, m.block_tables, m.query_start_loc,
+                                 m.seq_lens, SCALE, **args)
+    for splits in (2, 5):
+        out = tgqa.prefill(batch.q, batch.cache, m.block_tables, m.query_start_loc,
+                           m.seq_lens, SCALE, **args, block_m=16, block_n=16, splits=splits)
+        close(out, want)
+
+
+@needs_triton
 @pytest.mark.parametrize("block_m,block_n", [(16, 16), (16, 32), (32, 16)])
 def test_triton_prefill_window_phases(block_m, block_n):
     """Windows around the tile sizes, so the masked lower-edge phase, the unmasked middle

@@ -167,7 +167,46 @@ def test_num_splits_fills_the_gpu(monkeypatch):
     assert tgqa.num_splits(8, 8, 32768, cuda) == 8            # 512 <= 4 * 132 programs
     assert tgqa.num_splits(32, 8, 8192, cuda) == 2
     assert tgqa.num_splits(64, 8, 4096, cuda) == 1            # 512 programs already
-    assert tgqa.num_splits(1, 8, 600, cuda) == 2              # >= 512 tokens a split
+    assert tgqa.num_splits(1, 8, 600, cuda) == 5              # >= 128 tokens a split
+
+
+@pytest.mark.parametrize("splits", [2, 3, 7])
+@pytest.mark.parametrize("page_size", [1, 5])
+def test_prefill_split_kv_matches_reference(splits, page_size):
+    """The split-KV prefill (short chunks over long prefixes): more splits than some tiles
+    have key tiles (empty splits), prefixes ending mid-tile, a one-token chunk, an empty
+    prefix, and sequence slots with no query tokens (a graph bucket's empty slots)."""
+    gen = torch.Generator().manual_seed(splits * page_size)
+    hq, hkv, d = 4, 2, 16
+    seqs = [(70, 3), (0, 19), (9, 1), (45, 40), (0, 0), (130, 16), (0, 0)]
+    lengths = [p + n for p, n in seqs]
+    cache, tables = make_cache([max(n, 1) for n in lengths], page_size, hkv, d,
+                               torch.float32, gen=gen)
+    qsl = torch.tensor([0] + list(torch.cumsum(torch.tensor([n for _, n in seqs]), 0)),
+                       dtype=torch.int32)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    q = torch.randn(int(qsl[-1]), hq, d, generator=gen)
+    want = gqa_prefill_reference(q, cache, tables, qsl, seq_lens, 0.2)
+    out = tgqa.prefill(q, cache, tables, qsl, seq_lens, 0.2, block_m=16, block_n=16,
+                       splits=splits)
+    check(out, want, torch.float32)
+    qb = q.to(torch.bfloat16)
+    check(tgqa.prefill(qb, cache.to(torch.bfloat16), tables, qsl, seq_lens, 0.2,
+                       splits=splits),
+          gqa_prefill_reference(qb, cache.to(torch.bfloat16), tables, qsl, seq_lens, 0.2),
+          torch.bfloat16)
+
+
+def test_prefill_splits_only_when_the_tiles_underfill_the_gpu(monkeypatch):
+    monkeypatch.setattr(tgqa, "_sm_count", lambda device: 132)
+    cuda = torch.device("cuda")
+    # Qwen3-8B heads (32): a 4096-token bucket fills the GPU with 128-row tiles.
+    assert tgqa.prefill_splits(4096, 128, 64, 32, 131072, cuda) == 1
+    assert tgqa.prefill_splits(512, 128, 64, 32, 131072, cuda) == 1   # 5 tiles x 32 = 160
+    # A 16-token chunk: 2 tiles x 32 heads = 64 programs, 8 splits make one wave of 528.
+    assert tgqa.prefill_splits(16, 128, 16, 32, 131072, cuda) == 8
+    assert tgqa.prefill_splits(16, 128, 16, 32, 1024, cuda) == 2      # >= 512 keys a split
+    assert tgqa.prefill_splits(16, 128, 16, 8, 131072, cuda) == 33
 
 
 # ---------------------------------------------------------------------------------------
