@@ -186,7 +186,8 @@ class Engine:
             session_ttl=cfg.session_ttl, enable_prefix_caching=cfg.enable_prefix_caching,
             max_tokens_with_decodes=cfg.max_tokens_with_decodes or 0,
             decode_floor_tps=cfg.decode_floor_tps,
-            step_model=self.step_model.to_dict() if self.step_model else None)
+            step_model=self.step_model.to_dict() if self.step_model else None,
+            prefill_buckets=list(self.graphs.prefill_sizes) if self.graphs else [])
         self.block_table = self.sched.block_table
         self.sampler = BatchSampler(cfg.max_num_seqs, vocab_size, self.device)
         self.live: dict[int, _Live] = {}     # scheduler key -> request

@@ -106,7 +106,8 @@ PYBIND11_MODULE(_scheduler, m) {
       .def(py::init([](int num_blocks, int page_size, int max_num_seqs,
                        int max_num_batched_tokens, int max_model_len, double session_ttl,
                        bool enable_prefix_caching, int max_tokens_with_decodes,
-                       double decode_floor_tps, std::optional<py::dict> step_model) {
+                       double decode_floor_tps, std::optional<py::dict> step_model,
+                       std::vector<int> prefill_buckets) {
              SchedulerConfig c;
              c.num_blocks = num_blocks;
              c.page_size = page_size;
@@ -118,13 +119,15 @@ PYBIND11_MODULE(_scheduler, m) {
              c.max_tokens_with_decodes = max_tokens_with_decodes;
              c.decode_floor_tps = decode_floor_tps;
              if (step_model) c.step_model = step_model_of(*step_model);
+             c.prefill_buckets = std::move(prefill_buckets);
              return new Scheduler(c);
            }),
            py::kw_only(), py::arg("num_blocks"), py::arg("page_size"), py::arg("max_num_seqs"),
            py::arg("max_num_batched_tokens"), py::arg("max_model_len"),
            py::arg("session_ttl") = 0.0, py::arg("enable_prefix_caching") = true,
            py::arg("max_tokens_with_decodes") = 0, py::arg("decode_floor_tps") = 0.0,
-           py::arg("step_model") = py::none())
+           py::arg("step_model") = py::none(),
+           py::arg("prefill_buckets") = std::vector<int>{})
       .def("add_request",
            [](Scheduler& s, uint64_t id, py::array_t<int32_t, py::array::c_style |
                                                              py::array::forcecast> prompt,

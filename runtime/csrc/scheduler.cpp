@@ -45,6 +45,11 @@ Scheduler::Scheduler(const SchedulerConfig& c)
     throw std::invalid_argument(
         "Scheduler: decode_floor_tps and the step-time model's coefficients must be >= 0");
   }
+  for (size_t i = 0; i < c.prefill_buckets.size(); ++i) {
+    if (c.prefill_buckets[i] < 1 || (i > 0 && c.prefill_buckets[i] <= c.prefill_buckets[i - 1]))
+      throw std::invalid_argument("Scheduler: prefill_buckets must be ascending positive "
+                                  "token counts");
+  }
   max_blocks_ = (c.max_model_len + c.page_size - 1) / c.page_size;
   table_.assign(static_cast<size_t>(c.max_num_seqs) * max_blocks_, 0);
   for (int s = c.max_num_seqs - 1; s >= 0; --s) free_slots_.push_back(s);
@@ -170,14 +175,31 @@ int Scheduler::prefill_chunk(int prefix, int want) const {
   const double fit = b > 0 ? (-a + std::sqrt(a * a + 2.0 * b * t)) / b : a > 0 ? t / a : c;
   int k = static_cast<int>(std::min<double>(fit, c));
   while (k > 0 && m.chunk_cost(prefix, k) > time_left_) --k;    // rounding
+  // The step's graph pads its prefill tokens up to a bucket: if that padding does not fit
+  // the time left, end the chunk on the largest bucket boundary below (no padding at all).
+  const int total = prefill_tokens_ + k;
+  if (k > 0 && m.chunk_cost(prefix, k) + m.per_prefill_token * (padded(total) - total) >
+                   time_left_) {
+    const auto& b = config_.prefill_buckets;
+    auto it = std::upper_bound(b.begin(), b.end(), total);
+    k = it == b.begin() || *std::prev(it) <= prefill_tokens_ ? 0
+                                                             : *std::prev(it) - prefill_tokens_;
+  }
   // Liveness: a step's first chunk gets at least kMinFloorPrefill tokens even when the
   // floor leaves less (decodes alone past it), so waiting prompts still progress.
   if (!prefill_scheduled_) k = std::max(k, std::min(c, kMinFloorPrefill));
   return k;
 }
 
+int Scheduler::padded(int tokens) const {
+  const auto& b = config_.prefill_buckets;
+  auto it = std::lower_bound(b.begin(), b.end(), tokens);
+  return it == b.end() ? tokens : *it;     // beyond the buckets: an eager step, no padding
+}
+
 void Scheduler::charge_prefill(int prefix, int c) {
   prefill_scheduled_ = true;
+  prefill_tokens_ += c;
   if (!time_limited_) return;
   time_left_ -= config_.step_model.chunk_cost(prefix, c);
   plan_.predicted_s += config_.step_model.chunk_cost(prefix, c);
@@ -225,6 +247,7 @@ const StepPlan& Scheduler::plan(double now) {
   // The decode floor: the highest floor among this step's decodes bounds the step's time,
   // and prefill gets what the step-time model leaves of it.
   time_limited_ = prefill_scheduled_ = false;
+  prefill_tokens_ = 0;
   for (int i = 0; i < plan_.num_decodes; ++i) {
     const double f = get(plan_.req_ids[i]).decode_floor_tps;
     plan_.floor_tps = std::max(plan_.floor_tps, f > 0 ? f : config_.decode_floor_tps);

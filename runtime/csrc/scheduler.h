@@ -61,6 +61,10 @@ struct SchedulerConfig {
   // budgets still apply.
   double decode_floor_tps = 0.0;
   StepTimeModel step_model;
+  // The prefill-token sizes the step graphs pad a step's prefill to (ascending; empty: no
+  // padding). A floor-limited step's prefill is sized so that, padded to its bucket, it
+  // still fits the time left: when the padding does not fit, the chunk ends on a bucket.
+  std::vector<int> prefill_buckets;
 };
 
 struct Kv {
@@ -172,6 +176,8 @@ class Scheduler {
   int budget_ = 0;
   double time_left_ = 0.0;                     // floor-limited steps: seconds left
   bool time_limited_ = false, prefill_scheduled_ = false;
+  int prefill_tokens_ = 0;         // prefill tokens planned so far this step
+  int padded(int tokens) const;    // the prefill bucket a step of `tokens` pads to
   Stats totals_;
 };
 

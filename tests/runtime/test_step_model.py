@@ -27,11 +27,12 @@ MODEL = StepTimeModel(base=7e-3, per_decode=2e-5, per_kv_token=2.5e-9, prefill_b
 
 
 def make(floor: float = 70.0, model: StepTimeModel | None = MODEL, budget: int = 4096,
-         seqs: int = 32, cap: int = 0) -> Scheduler:
+         seqs: int = 32, cap: int = 0, buckets: tuple[int, ...] = ()) -> Scheduler:
     return Scheduler(num_blocks=50000, page_size=PS, max_num_seqs=seqs,
                      max_num_batched_tokens=budget, max_model_len=65536,
                      max_tokens_with_decodes=cap, decode_floor_tps=floor,
-                     step_model=None if model is None else model.to_dict())
+                     step_model=None if model is None else model.to_dict(),
+                     prefill_buckets=list(buckets))
 
 
 def plan_shape(p) -> tuple[list[int], list[tuple[int, int]]]:
@@ -103,6 +104,51 @@ def test_every_planned_step_meets_the_floor_and_prefill_gets_the_rest():
         m, c = w.step()
         mixed, checked = mixed + m, checked + c
     assert mixed > 20 and checked > 20
+
+
+BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def padded_overruns(buckets: tuple[int, ...], steps: int = 400) -> tuple[int, int, int]:
+    """(floor-limited mixed steps, those whose prefill padded to its graph bucket is
+    predicted past the floor (the liveness minimum aside), those ending on a bucket)."""
+    w = Workload(make(floor=70.0, buckets=buckets), 70.0, seed=3)
+    mixed = over = on_bucket = 0
+    for i in range(steps):
+        if i % 5 == 0:
+            w.add(floor=70.0)
+        p = w.s.plan(0.0)
+        if not w.s.plan_pending:
+            continue
+        dec, chunks = plan_shape(p)
+        for rid, (_, c) in zip(p["req_ids"].tolist()[len(dec):], chunks):
+            w.done[rid] += c
+        if dec and chunks:
+            mixed += 1
+            total = sum(c for _, c in chunks)
+            pad = next((b for b in BUCKETS if b >= total), total) - total
+            pred = MODEL.predict(dec, chunks) + MODEL.per_prefill_token * pad
+            over += pred > 1 / 70.0 + 1e-12 and not (len(chunks) == 1 and total <= 16)
+            on_bucket += total in BUCKETS
+        w.s.update(np.full(p["num_sample"], 7, np.int32), 0.0)
+        w.s.check_invariants()
+    return mixed, over, on_bucket
+
+
+def test_floor_steps_fit_with_their_graph_padding():
+    """With the step graphs' prefill buckets, a floor-limited step's prefill padded to its
+    bucket still fits the floor (the chunk ends on a bucket when the padding would not);
+    without them the same workload's padded steps cross it."""
+    mixed, over, on_bucket = padded_overruns(BUCKETS)
+    assert mixed > 50 and over == 0 and on_bucket > 10
+    mixed, over, _ = padded_overruns(())
+    assert mixed > 50 and over > 10
+
+
+@pytest.mark.parametrize("bad", [[0, 16], [32, 16], [16, 16]])
+def test_bad_prefill_buckets_are_named(bad):
+    with pytest.raises(ValueError, match="prefill_buckets must be ascending positive"):
+        make(buckets=tuple(bad))
 
 
 def test_per_request_floors_without_a_default_floor():
