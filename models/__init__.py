@@ -37,7 +37,7 @@ from tscompile import envs
 
 log = logging.getLogger(__name__)
 
-BUILTIN = ("llama", "qwen3", "kimi_k25")
+BUILTIN = ("llama", "qwen3", "kimi_k25", "glm4_moe", "gpt_oss")
 ENTRY_POINT_GROUP = "tscompile.models"
 CONTRACT = ("CONFIG", "PRESETS", "MODEL")
 HOW_TO_REGISTER = ("give the file as the model argument (tscompile build my_model.py "

@@ -4,6 +4,13 @@ What it is: the "triton" backend of the two ops of `kernels/moe.py` (same signat
 outputs), for sm_90 first and any sm_80+ GPU; under TRITON_INTERPRET=1 it also runs on the
 CPU (the tests). What it is not: expert-parallel communication (the output is this rank's
 partial sum, placement P), quantised weights, or the shared experts.
+Variants (kernels/moe.py): per-expert biases b13 (added to the gate/up accumulators before
+the activation) and b2 (added to each slot's W2 product before its routing weight), the
+"swigluoai" activation (GPT-OSS: clamps, then (up + 1) * gate * sigmoid(alpha * gate), all
+in fp32 registers), interleaved gate/up rows, and strided weights (GPT-OSS's [E, H, 2I] /
+[E, I, H] tensors arrive as transposed views and are read in place: the K stride is an
+argument, never a copy). Each is a constexpr or a stride, so with them off the kernels are
+the same as before.
 
 Legend: T tokens, H hidden, E experts held here, I expert width, k experts per token,
 N = T*k (token, slot) pairs, BM/BN/BK the GEMM tile.
@@ -308,15 +315,19 @@ def _align_kernel(ids_ptr, sorted_pair_ptr, block_expert_ptr, block_rows_ptr, nu
 # moe_experts: steps 2-4
 
 @triton.jit
-def _w13_silu_kernel(x_ptr, w13_ptr, act_ptr, sorted_pair_ptr, block_expert_ptr,
+def _w13_silu_kernel(x_ptr, w13_ptr, b13_ptr, act_ptr, sorted_pair_ptr, block_expert_ptr,
                      block_rows_ptr, hidden, width, top_k, expert_start, num_experts,
-                     stride_xt, stride_we, stride_wn,
+                     stride_xt, stride_we, stride_wn, stride_wk, stride_be, alpha, limit,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, IEEE: tl.constexpr,
-                     DECODE: tl.constexpr):
+                     DECODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     SWIGLUOAI: tl.constexpr, INTERLEAVED: tl.constexpr):
     """Aligned: program (row block, I tile) of the sorted pairs. DECODE (one token):
     program (slot j, I tile); block_expert_ptr is then topk_ids [k], row 0 of the tile is
-    the token, and its act row is j (sorted_pair_ptr/block_rows_ptr unused)."""
+    the token, and its act row is j (sorted_pair_ptr/block_rows_ptr unused).
+    Gate column n of w13[e] is row n (stacked [gate ; up], up at n + width) or row 2n
+    (INTERLEAVED, up at 2n + 1); any row/column strides (a transposed view included).
+    HAS_BIAS adds b13[e] (same layout); SWIGLUOAI is GPT-OSS's clamped activation."""
     blk = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     if DECODE:
@@ -339,9 +350,15 @@ def _w13_silu_kernel(x_ptr, w13_ptr, act_ptr, sorted_pair_ptr, block_expert_ptr,
     n_ok = offs_n < width
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + token[:, None] * stride_xt + offs_k[None, :]                  # [M, K]
+    if INTERLEAVED:
+        gate_rows = 2 * offs_n.to(tl.int64)
+        up_step = 1
+    else:
+        gate_rows = offs_n.to(tl.int64)
+        up_step = width
     gate_ptrs = (w13_ptr + expert.to(tl.int64) * stride_we
-                 + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :])     # [N, K]
-    up_ptrs = gate_ptrs + width * stride_wn
+                 + gate_rows[:, None] * stride_wn + offs_k[None, :] * stride_wk)   # [N, K]
+    up_ptrs = gate_ptrs + up_step * stride_wn
     acc_gate = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, hidden, BLOCK_K):
@@ -364,18 +381,28 @@ def _w13_silu_kernel(x_ptr, w13_ptr, act_ptr, sorted_pair_ptr, block_expert_ptr,
             acc_gate = tl.dot(a, tl.trans(wg), acc_gate)
             acc_up = tl.dot(a, tl.trans(wu), acc_up)
         x_ptrs += BLOCK_K
-        gate_ptrs += BLOCK_K
-        up_ptrs += BLOCK_K
-    act = acc_gate * tl.sigmoid(acc_gate) * acc_up                 # silu(gate) * up, fp32
+        gate_ptrs += BLOCK_K * stride_wk
+        up_ptrs += BLOCK_K * stride_wk
+    if HAS_BIAS:
+        b_ptrs = b13_ptr + expert.to(tl.int64) * stride_be + gate_rows
+        acc_gate += tl.load(b_ptrs, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc_up += tl.load(b_ptrs + up_step, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if SWIGLUOAI:   # gate <= limit, |up| <= limit, (up + 1) * gate * sigmoid(alpha * gate)
+        acc_gate = tl.minimum(acc_gate, limit)
+        acc_up = tl.minimum(tl.maximum(acc_up, -limit), limit)
+        act = (acc_up + 1.0) * (acc_gate * tl.sigmoid(acc_gate * alpha))
+    else:
+        act = acc_gate * tl.sigmoid(acc_gate) * acc_up             # silu(gate) * up, fp32
     tl.store(act_ptr + rows64[:, None] * width + offs_n[None, :],
              act.to(act_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
-def _w2_kernel(act_ptr, w2_ptr, y_ptr, topk_w_ptr, sorted_pair_ptr, block_expert_ptr,
-               block_rows_ptr, hidden, width, stride_we, stride_wn,
+def _w2_kernel(act_ptr, w2_ptr, b2_ptr, y_ptr, topk_w_ptr, sorted_pair_ptr, block_expert_ptr,
+               block_rows_ptr, hidden, width, stride_we, stride_wn, stride_wk, stride_be,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, IEEE: tl.constexpr):
+               EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, IEEE: tl.constexpr,
+               HAS_BIAS: tl.constexpr):
     blk = tl.program_id(0)
     expert = tl.load(block_expert_ptr + blk)
     if expert < 0:
@@ -390,7 +417,7 @@ def _w2_kernel(act_ptr, w2_ptr, y_ptr, topk_w_ptr, sorted_pair_ptr, block_expert
     rows64 = (blk * BLOCK_M + offs_m).to(tl.int64)
     a_ptrs = act_ptr + rows64[:, None] * width + offs_k[None, :]                   # [M, K]
     w_ptrs = (w2_ptr + expert.to(tl.int64) * stride_we
-              + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :])         # [N, K]
+              + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :] * stride_wk)  # [N, K]
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, width, BLOCK_K):
         k_ok = offs_k < width - k0
@@ -408,7 +435,10 @@ def _w2_kernel(act_ptr, w2_ptr, y_ptr, topk_w_ptr, sorted_pair_ptr, block_expert
         else:
             acc = tl.dot(a, tl.trans(w), acc)
         a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wk
+    if HAS_BIAS:    # the expert's down bias, weighted with the rest of its output
+        acc += tl.load(b2_ptr + expert.to(tl.int64) * stride_be + offs_n, mask=n_ok,
+                       other=0.0).to(tl.float32)[None, :]
     acc = acc * tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     tl.store(y_ptr + pair.to(tl.int64)[:, None] * hidden + offs_n[None, :],
              acc.to(y_ptr.dtype.element_ty),
@@ -416,10 +446,12 @@ def _w2_kernel(act_ptr, w2_ptr, y_ptr, topk_w_ptr, sorted_pair_ptr, block_expert
 
 
 @triton.jit
-def _w2_sum_decode_kernel(act_ptr, w2_ptr, out_ptr, topk_w_ptr, ids_ptr, hidden, width,
-                          top_k, expert_start, num_experts, stride_we, stride_wn,
+def _w2_sum_decode_kernel(act_ptr, w2_ptr, b2_ptr, out_ptr, topk_w_ptr, ids_ptr, hidden,
+                          width, top_k, expert_start, num_experts, stride_we, stride_wn,
+                          stride_wk, stride_be,
                           K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, STAGES: tl.constexpr):
+                          EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, STAGES: tl.constexpr,
+                          HAS_BIAS: tl.constexpr):
     """One token: out[0, n tile] = sum over the held slots j of weight[j] * W2[e_j] act[j]
     on the n tile, a matrix-vector product on the CUDA cores: acc[BN, BK] += W * (wt * a),
     summed over K once at the end, fp32 throughout (no M=16 tensor-core tile of which one
@@ -437,7 +469,7 @@ def _w2_sum_decode_kernel(act_ptr, w2_ptr, out_ptr, topk_w_ptr, ids_ptr, hidden,
     num_held = tl.sum(held.to(tl.int32), axis=0)
     k_steps = tl.cdiv(width, BLOCK_K)
     offs_k = tl.arange(0, BLOCK_K)
-    w_rows = offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]             # [N, K]
+    w_rows = offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :] * stride_wk  # [N, K]
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     for it in tl.range(0, num_held * k_steps, num_stages=STAGES):
         s = it // k_steps
@@ -446,7 +478,7 @@ def _w2_sum_decode_kernel(act_ptr, w2_ptr, out_ptr, topk_w_ptr, ids_ptr, hidden,
         expert = tl.load(ids_ptr + slot).to(tl.int32) - expert_start
         wt = tl.load(topk_w_ptr + slot).to(tl.float32)
         a_ptrs = act_ptr + slot * width + k0 + offs_k
-        w_ptrs = w2_ptr + expert.to(tl.int64) * stride_we + k0 + w_rows
+        w_ptrs = w2_ptr + expert.to(tl.int64) * stride_we + k0 * stride_wk + w_rows
         if EVEN_K:
             a = tl.load(a_ptrs)
         else:
@@ -456,7 +488,14 @@ def _w2_sum_decode_kernel(act_ptr, w2_ptr, out_ptr, topk_w_ptr, ids_ptr, hidden,
         else:
             w = tl.load(w_ptrs, mask=n_ok[:, None] & (offs_k < width - k0)[None, :], other=0.0)
         acc += w.to(tl.float32) * (a.to(tl.float32) * wt)[None, :]
-    tl.store(out_ptr + offs_n, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=n_ok)
+    total = tl.sum(acc, axis=1)
+    if HAS_BIAS:    # sum over held slots j of weight[j] * b2[e_j] on the n tile
+        local = tl.where(held, e, 0).to(tl.int64)
+        wts = tl.load(topk_w_ptr + slots, mask=held, other=0.0).to(tl.float32)
+        bias = tl.load(b2_ptr + local[:, None] * stride_be + offs_n[None, :],
+                       mask=held[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+        total += tl.sum(bias * wts[:, None], axis=0)
+    tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
@@ -474,8 +513,12 @@ def _sum_slots_kernel(y_ptr, ids_ptr, out_ptr, hidden, top_k, expert_start, num_
              mask=offs_h < hidden)
 
 
-def experts_with_config(x, w13, w2, topk_weights, topk_ids, expert_start, cfg: MoeConfig):
-    """moe_experts with explicit tiles (the registered op picks them with pick_config)."""
+def experts_with_config(x, w13, w2, topk_weights, topk_ids, expert_start, cfg: MoeConfig,
+                        b13=None, b2=None, activation="silu", alpha=1.702, limit=7.0,
+                        interleaved=False):
+    """moe_experts with explicit tiles (the registered op picks them with pick_config).
+    The weights are read through their strides (no copy of a transposed view); x and the
+    biases need a unit last stride (copied otherwise: they are small)."""
     num_tokens, hidden = x.shape
     num_experts, width = w13.shape[0], w13.shape[1] // 2
     top_k = topk_ids.shape[1]
@@ -486,15 +529,17 @@ def experts_with_config(x, w13, w2, topk_weights, topk_ids, expert_start, cfg: M
     if num_tokens == 0 or top_k == 0:
         return out.zero_()
     x = x if x.stride(-1) == 1 else x.contiguous()
-    w13 = w13 if w13.stride(-1) == 1 else w13.contiguous()
-    w2 = w2 if w2.stride(-1) == 1 else w2.contiguous()
+    b13 = b13 if b13 is None or b13.stride(-1) == 1 else b13.contiguous()
+    b2 = b2 if b2 is None or b2.stride(-1) == 1 else b2.contiguous()
+    var = _Variant(b13, b2, activation, float(alpha), float(limit), bool(interleaved))
     flat_ids = topk_ids.reshape(-1)
     flat_w = topk_weights.reshape(-1)
     # fp32 in: exact fp32 products (not tf32). The interpreter's bf16/fp16 dot is wrong
     # (Triton 3.6), so there every dot runs on fp32 copies of the tiles.
     ieee = x.dtype == torch.float32 or INTERPRET
     if cfg.decode:
-        return _experts_decode(x, w13, w2, flat_w, flat_ids, expert_start, cfg, ieee, out)
+        return _experts_decode(x, w13, w2, flat_w, flat_ids, expert_start, cfg, ieee, out,
+                               var)
     n, bm, dev = flat_ids.numel(), cfg.block_m, x.device
     max_rows = n + min(n, num_experts) * (bm - 1)                   # every held expert padded
     max_blocks = triton.cdiv(max_rows, bm)
@@ -507,21 +552,22 @@ def experts_with_config(x, w13, w2, topk_weights, topk_ids, expert_start, cfg: M
         CHUNK=min(2048, max(16, triton.next_power_of_2(n))), num_warps=4)
     act = torch.empty(max_blocks * bm, width, dtype=x.dtype, device=dev)
     _w13_silu_kernel[(max_blocks, triton.cdiv(width, cfg.block_n1))](
-        x, w13, act, sorted_pair, block_expert, block_rows, hidden, width, top_k,
-        expert_start, num_experts, x.stride(0), w13.stride(0), w13.stride(1),
+        x, w13, var.b13_arg(x), act, sorted_pair, block_expert, block_rows, hidden, width,
+        top_k, expert_start, num_experts, x.stride(0), *w13.stride(), var.b13_stride(),
+        var.alpha, var.limit,
         BLOCK_M=bm, BLOCK_N=cfg.block_n1, BLOCK_K=cfg.block_k1,
         EVEN_K=hidden % cfg.block_k1 == 0, EVEN_N=width % cfg.block_n1 == 0, IEEE=ieee,
-        DECODE=False, num_warps=cfg.warps1, num_stages=cfg.stages1)
+        DECODE=False, num_warps=cfg.warps1, num_stages=cfg.stages1, **var.w13_flags())
     # Per-slot rows in fp32, unless that grows past Y_FP32_MAX_BYTES (prefill: Kimi T=8192
     # would need 1.9 GB); then in x.dtype, rounded once per slot as the reference does.
     y_dtype = torch.float32 if n * hidden * 4 <= Y_FP32_MAX_BYTES else x.dtype
     y = torch.empty(n, hidden, dtype=y_dtype, device=dev)
     _w2_kernel[(max_blocks, triton.cdiv(hidden, cfg.block_n2))](
-        act, w2, y, flat_w, sorted_pair, block_expert, block_rows, hidden, width,
-        w2.stride(0), w2.stride(1),
+        act, w2, var.b2_arg(x), y, flat_w, sorted_pair, block_expert, block_rows, hidden,
+        width, *w2.stride(), var.b2_stride(),
         BLOCK_M=bm, BLOCK_N=cfg.block_n2, BLOCK_K=cfg.block_k2,
         EVEN_K=width % cfg.block_k2 == 0, EVEN_N=hidden % cfg.block_n2 == 0, IEEE=ieee,
-        num_warps=cfg.warps2, num_stages=cfg.stages2)
+        HAS_BIAS=var.b2 is not None, num_warps=cfg.warps2, num_stages=cfg.stages2)
     block_h = min(1024, triton.next_power_of_2(hidden))
     _sum_slots_kernel[(num_tokens, triton.cdiv(hidden, block_h))](
         y, flat_ids, out, hidden, top_k, expert_start, num_experts,
@@ -529,7 +575,35 @@ def experts_with_config(x, w13, w2, topk_weights, topk_ids, expert_start, cfg: M
     return out
 
 
-def _experts_decode(x, w13, w2, flat_w, flat_ids, expert_start, cfg, ieee, out):
+@dataclass(frozen=True, slots=True)
+class _Variant:
+    """The optional parts of moe_experts (kernels/moe.py): per-expert biases, the
+    activation, the gate/up layout. Off, the kernels compile exactly as without them."""
+    b13: torch.Tensor | None
+    b2: torch.Tensor | None
+    activation: str
+    alpha: float
+    limit: float
+    interleaved: bool
+
+    def b13_arg(self, x):          # any pointer stands in for an absent bias (never read)
+        return x if self.b13 is None else self.b13
+
+    def b2_arg(self, x):
+        return x if self.b2 is None else self.b2
+
+    def b13_stride(self) -> int:
+        return 0 if self.b13 is None else self.b13.stride(0)
+
+    def b2_stride(self) -> int:
+        return 0 if self.b2 is None else self.b2.stride(0)
+
+    def w13_flags(self) -> dict[str, bool]:
+        return dict(HAS_BIAS=self.b13 is not None, SWIGLUOAI=self.activation == "swigluoai",
+                    INTERLEAVED=self.interleaved)
+
+
+def _experts_decode(x, w13, w2, flat_w, flat_ids, expert_start, cfg, ieee, out, var):
     """One token, two launches: act[j] = silu(gate) * up for each held slot j (grid k x I
     tiles, straight from topk_ids), then out = sum_j weight[j] * act[j] @ W2[e_j]^T (grid H
     tiles, the slot sum in fp32 registers, written once in x.dtype)."""
@@ -538,22 +612,32 @@ def _experts_decode(x, w13, w2, flat_w, flat_ids, expert_start, cfg, ieee, out):
     top_k = flat_ids.numel()
     act = torch.empty(top_k, width, dtype=x.dtype, device=x.device)
     _w13_silu_kernel[(top_k, triton.cdiv(width, cfg.block_n1))](
-        x, w13, act, flat_ids, flat_ids, flat_ids, hidden, width, top_k,
-        expert_start, num_experts, x.stride(0), w13.stride(0), w13.stride(1),
+        x, w13, var.b13_arg(x), act, flat_ids, flat_ids, flat_ids, hidden, width, top_k,
+        expert_start, num_experts, x.stride(0), *w13.stride(), var.b13_stride(),
+        var.alpha, var.limit,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n1, BLOCK_K=cfg.block_k1,
         EVEN_K=hidden % cfg.block_k1 == 0, EVEN_N=width % cfg.block_n1 == 0, IEEE=ieee,
-        DECODE=True, num_warps=cfg.warps1, num_stages=cfg.stages1)
+        DECODE=True, num_warps=cfg.warps1, num_stages=cfg.stages1, **var.w13_flags())
     _w2_sum_decode_kernel[(triton.cdiv(hidden, cfg.block_n2),)](
-        act, w2, out, flat_w, flat_ids, hidden, width, top_k, expert_start, num_experts,
-        w2.stride(0), w2.stride(1),
+        act, w2, var.b2_arg(x), out, flat_w, flat_ids, hidden, width, top_k, expert_start,
+        num_experts, *w2.stride(), var.b2_stride(),
         K_PAD=triton.next_power_of_2(top_k), BLOCK_N=cfg.block_n2, BLOCK_K=cfg.block_k2,
         EVEN_K=width % cfg.block_k2 == 0, EVEN_N=hidden % cfg.block_n2 == 0,
-        STAGES=cfg.stages2, num_warps=cfg.warps2, num_stages=cfg.stages2)
+        STAGES=cfg.stages2, HAS_BIAS=var.b2 is not None, num_warps=cfg.warps2,
+        num_stages=cfg.stages2)
     return out
 
 
 @register("moe_experts", "triton", priority=PRIO, requires=EXPERTS_REQ)
-def moe_experts_triton(x, w13, w2, topk_weights, topk_ids, expert_start=0):
+def moe_experts_triton(x, w13, w2, topk_weights, topk_ids, expert_start=0, b13=None, b2=None,
+                       activation="silu", alpha=1.702, limit=7.0, interleaved=False):
     cfg = pick_config(x.shape[0], topk_ids.shape[1], w13.shape[0], x.shape[1],
                       w13.shape[1] // 2)
-    return experts_with_config(x, w13, w2, topk_weights, topk_ids, expert_start, cfg)
+    # Only the variants that are on are passed: the plain call stays the plain call.
+    variants = {k: b for k, b in (("b13", b13), ("b2", b2)) if b is not None}
+    if activation != "silu":
+        variants.update(activation=activation, alpha=alpha, limit=limit)
+    if interleaved:
+        variants["interleaved"] = True
+    return experts_with_config(x, w13, w2, topk_weights, topk_ids, expert_start, cfg,
+                               **variants)

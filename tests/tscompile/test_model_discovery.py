@@ -170,7 +170,8 @@ def test_unknown_type_lists_known_and_how_to_register(tmp_path, capsys, install)
                      "--model-path", str(folder))
     assert rc == 2 and len(err.strip().splitlines()) == 1
     for part in ("config.json has model_type 'mamba', which no model file builds",
-                 "known: deepseek_v2, deepseek_v3, gpt_neox, kimi_k2, llama, qwen3, qwen3_moe",
+                 "known: deepseek_v2, deepseek_v3, glm4_moe, gpt_neox, gpt_oss, kimi_k2, llama, "
+                 "qwen3, qwen3_moe",
                  "give the file as the model argument", "--model-path / TSCOMPILE_MODEL_PATH",
                  "'tscompile.models' entry point", "HF_MODEL_TYPES = ('<model_type>',)",
                  "not loaded: entry point 'broken' (broken_models.nope, from broken_models "
@@ -183,7 +184,8 @@ def test_unknown_type_lists_known_and_how_to_register(tmp_path, capsys, install)
     assert rc == 2 and f"--model-path entry {tmp_path / 'missing'} is not a directory" in err
     rc, err = _build(tmp_path, capsys, "--preset", "tiny")
     assert rc == 2 and "give a model file or name for preset 'tiny', or --config" in err
-    with pytest.raises(ValueError, match="unknown model 'gpt5'.*llama, qwen3, kimi_k25, broken"):
+    with pytest.raises(ValueError, match="unknown model 'gpt5'.*llama, qwen3, kimi_k25, "
+                                         "glm4_moe, gpt_oss, broken"):
         build("gpt5", preset="tiny", mesh=Mesh.build(1))
 
 
