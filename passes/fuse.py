@@ -1,4 +1,5 @@
-"""Pass `fuse`: all_reduce + residual add + RMSNorm -> one `all_reduce_add_rms_norm`.
+"""Pass `fuse`: all_reduce + residual add + RMSNorm (or LayerNorm) -> one
+`all_reduce_add_rms_norm` (`all_reduce_add_layer_norm`).
 
 The pattern is where every TP decoder layer lands its reductions (DESIGN.md §Compile 6):
 
@@ -7,6 +8,13 @@ The pattern is where every TP decoder layer lands its reductions (DESIGN.md §Co
     y  = rms_norm(s, w, eps)      # the next sublayer's input norm
  =>
     y, s = all_reduce_add_rms_norm(p, x, w, eps)
+
+The same for a LayerNorm over the last dim with a weight (`torch.nn.functional.layer_norm`,
+as nn.LayerNorm traces), bias or not:
+
+    y = layer_norm(s, (H,), weight=w, bias=b, eps=e)
+ =>
+    y, s = all_reduce_add_layer_norm(p, x, w, b, e)
 
 A fused kernel can then do the reduction and the norm in one pass over the hidden vector
 (one read of p, x; one write of s, y). The reference implementation is the unfused
@@ -18,13 +26,39 @@ from __future__ import annotations
 import operator
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 
-from tscompile.passes.ir import Stage
+from tscompile.passes.ir import Stage, tensor_args
 
 
 def _is(node: fx.Node, target) -> bool:
     return node.op == "call_function" and node.target is target
+
+
+def _wants_of(node: fx.Node, arg: fx.Node):
+    """The placement `node` wants for its tensor input `arg` (meta["wants"] follows the
+    order of its tensor inputs)."""
+    return node.meta["wants"][tensor_args(node).index(arg)]
+
+
+def _norm_args(norm: fx.Node, add: fx.Node) -> tuple[object, tuple] | None:
+    """(fused op, its arguments after (p, x)) when `norm` normalises `add` as the fusion
+    needs (over the last dim, with a weight), else None."""
+    ops = torch.ops.tscompile
+    if not norm.args or norm.args[0] is not add:
+        return None
+    if _is(norm, ops.rms_norm.default):
+        return ops.all_reduce_add_rms_norm.default, (norm.args[1], norm.args[2])
+    if _is(norm, F.layer_norm):
+        a = dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), norm.args))
+        a.update(norm.kwargs)
+        shape, w = a.get("normalized_shape"), a.get("weight")
+        last = add.meta["val"].shape[-1]
+        if not isinstance(w, fx.Node) or tuple(shape or ()) != (last,):
+            return None
+        return ops.all_reduce_add_layer_norm.default, (w, a.get("bias"), a.get("eps", 1e-5))
+    return None
 
 
 def fuse(stage: Stage) -> Stage:
@@ -39,24 +73,24 @@ def fuse(stage: Stage) -> Stage:
         if not (_is(add, operator.add) and len(add.args) == 2 and ar in add.args):
             continue
         x = add.args[0] if add.args[1] is ar else add.args[1]
-        norms = [u for u in add.users if _is(u, ops.rms_norm.default) and u.args[0] is add]
+        norms = [(u, m) for u in add.users if (m := _norm_args(u, add)) is not None]
         if not norms:
             continue
-        norm = norms[0]
+        norm, (op, params) = norms[0]
         with graph.inserting_before(add):
-            f = graph.call_function(ops.all_reduce_add_rms_norm.default,
-                                    (ar.args[0], x, norm.args[1], norm.args[2]))
+            f = graph.call_function(op, (ar.args[0], x, *params))
             y = graph.call_function(operator.getitem, (f, 0))
             s = graph.call_function(operator.getitem, (f, 1))
-        # The weight is defined before `add`'s users but maybe after `add`: move it up.
-        w = norm.args[1]
-        if w.op == "get_attr":
-            f.prepend(w)
+        # The weight (and bias) are defined before `add`'s users but maybe after `add`.
+        for w in params:
+            if isinstance(w, fx.Node) and w.op == "get_attr":
+                f.prepend(w)
         f.meta.update(scope=add.meta.get("scope", ""), region=None,
                       val=(norm.meta["val"], add.meta["val"]),
                       placement=(norm.meta["placement"], add.meta["placement"]),
-                      wants=(ar.meta["wants"][0], add.meta["wants"][0], norm.meta["wants"][1]),
-                      collective=dict(ar.meta["collective"], kind="all_reduce_add_rms_norm"))
+                      wants=(ar.meta["wants"][0], add.meta["wants"][0],
+                             *(_wants_of(norm, p) for p in params if isinstance(p, fx.Node))),
+                      collective=dict(ar.meta["collective"], kind=op._schema.name.split("::")[1]))
         for new, old in ((y, norm), (s, add)):
             new.meta.update({k: v for k, v in old.meta.items() if k != "wants"})
             new.meta["wants"] = (f.meta["placement"],)

@@ -199,9 +199,11 @@ def test_gpt_neox_biases_stay_out_of_the_partial_sums(world):
         "mlp.dense_h_to_4h.weight": "S(0)", "mlp.dense_h_to_4h.bias": "S(0)",
         "mlp.dense_4h_to_h.weight": "S(1)", "mlp.dense_4h_to_h.bias": "R"}
     # Per layer: both output biases masked to rank 0, then one all-reduce of the parallel
-    # residual's (attention + MLP) partial sum.
-    assert _schedule(built) == {str(i): ["rank0 R->P", "rank0 R->P", "all_reduce P->R"]
-                                for i in range(2)}
+    # residual's (attention + MLP) partial sum, fused with the residual add and the next
+    # layer's input LayerNorm (the last layer's meets the logits index instead).
+    assert _schedule(built) == {
+        "0": ["rank0 R->P", "rank0 R->P", "all_reduce_add_layer_norm P->R"],
+        "1": ["rank0 R->P", "rank0 R->P", "all_reduce P->R"]}
     assert built.manifest["warnings"] == []
     program = built.files["program.py"]
     assert 'dense_bias_rank0 = t["gpt_neox.layers.0.attention.dense.bias"] * on_rank0' \
@@ -217,6 +219,20 @@ def test_fused_qkv_splits_as_three_chunks(world):
         assert plan[weight]["placement"] == ("S(1)x3" if model == GPT2 else "S(0)x3")
         if bias:
             assert plan[weight.replace("weight", "bias")]["placement"] == bias
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_all_reduce_add_layer_norm_fuses_gpt2_layer_norms(world):
+    """GPT-2's sequential residual: every all-reduce but the last meets `x + a` and an
+    nn.LayerNorm (weight and bias) over the hidden dim, and becomes one fused op; the
+    program calls it with the norm's own parameters (parity: test_compiled_matches_...)."""
+    built = build(GPT2, preset="tiny", mesh=Mesh.build(world))
+    assert built.manifest["fused_all_reduce_norm"] == 3
+    kinds = [c["kind"] for c in built.manifest["schedule"] if c["kind"] != "rank0"]
+    assert kinds == ["all_reduce_add_layer_norm"] * 3 + ["all_reduce"]
+    program = built.files["program.py"]
+    assert program.count("ops.all_reduce_add_layer_norm(") == 3
+    assert 't["transformer.h.1.ln_1.bias"]' in program.split("all_reduce_add_layer_norm(")[2]
 
 
 @pytest.mark.parametrize("world", [2, 4])
