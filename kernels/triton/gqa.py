@@ -340,6 +340,24 @@ def decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
 # Prefill
 # ----------------------------------------------------------------------------------------
 @triton.jit
+def _query_tile(qsl_ptr, num_seqs, tile, BLOCK_M: tl.constexpr):
+    """(sequence b, its first query token, its query length, the tile's first row m0) of
+    query tile `tile`. Sequence b owns tiles [qsl[b] // BLOCK_M + b, qsl[b+1] // BLOCK_M +
+    b + 1): the last b whose first tile is <= tile (binary search over query_start_loc).
+    m0 >= q_len: a surplus tile, which the caller skips."""
+    lo = tl.zeros((), tl.int32)
+    hi = lo + num_seqs
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        first = tl.load(qsl_ptr + mid) // BLOCK_M + mid
+        lo = tl.where(first <= tile, mid, lo)
+        hi = tl.where(first <= tile, hi, mid)
+    q_start = tl.load(qsl_ptr + lo)
+    q_len = tl.load(qsl_ptr + lo + 1) - q_start
+    return lo, q_start, q_len, (tile - (q_start // BLOCK_M + lo)) * BLOCK_M
+
+
+@triton.jit
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, out_ptr, sinks_ptr,
     qk_scale, num_seqs,
@@ -355,19 +373,7 @@ def _prefill_kernel(
     tile = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1)
     kvh = h // G
-    # Sequence b owns tiles [qsl[b] // BLOCK_M + b, qsl[b+1] // BLOCK_M + b + 1): find the
-    # last b whose first tile is <= tile (binary search over query_start_loc).
-    lo = tl.zeros((), tl.int32)
-    hi = lo + num_seqs
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        first = tl.load(qsl_ptr + mid) // BLOCK_M + mid
-        lo = tl.where(first <= tile, mid, lo)
-        hi = tl.where(first <= tile, hi, mid)
-    b = lo
-    q_start = tl.load(qsl_ptr + b)
-    q_len = tl.load(qsl_ptr + b + 1) - q_start
-    m0 = (tile - (q_start // BLOCK_M + b)) * BLOCK_M
+    b, q_start, q_len, m0 = _query_tile(qsl_ptr, num_seqs, tile, BLOCK_M)
     if m0 >= q_len:
         return
     seq_len = tl.load(seq_lens_ptr + b)
@@ -494,17 +500,7 @@ def _prefill_split_kernel(
     h = tl.program_id(1)
     split = tl.program_id(2)
     kvh = h // G
-    lo = tl.zeros((), tl.int32)
-    hi = lo + num_seqs
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        first = tl.load(qsl_ptr + mid) // BLOCK_M + mid
-        lo = tl.where(first <= tile, mid, lo)
-        hi = tl.where(first <= tile, hi, mid)
-    b = lo
-    q_start = tl.load(qsl_ptr + b)
-    q_len = tl.load(qsl_ptr + b + 1) - q_start
-    m0 = (tile - (q_start // BLOCK_M + b)) * BLOCK_M
+    b, q_start, q_len, m0 = _query_tile(qsl_ptr, num_seqs, tile, BLOCK_M)
     if m0 >= q_len:
         return
     seq_len = tl.load(seq_lens_ptr + b)
