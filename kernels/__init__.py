@@ -4,7 +4,8 @@ device, arch, dtype and shape (`kernels/registry.py`).
 
 Importing this package registers every op. Op families, one file each:
 norm (rms_norm, fused_add_rms_norm, layer_norm, fused_add_layer_norm), rope, activation
-(silu_and_mul), gqa (paged GQA), mla (paged MLA), moe (moe_route, moe_experts), sample.
+(silu_and_mul), fp8 (fp8_block_linear: block-scaled FP8 weights), gqa (paged GQA),
+mla (paged MLA), moe (moe_route, moe_experts), sample.
 The paged KV layout: `paged.py`.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from tscompile.kernels.collectives import (
     all_gather, all_reduce, all_reduce_add_layer_norm, all_reduce_add_rms_norm, all_to_all,
     reduce_scatter,
 )
+from tscompile.kernels.fp8 import fp8_block_linear
 from tscompile.kernels.gqa import gqa_attention, gqa_decode, gqa_prefill
 from tscompile.kernels.mla import mla_attention, mla_decode, mla_prefill
 from tscompile.kernels.moe import moe_experts, moe_route
@@ -31,7 +33,8 @@ from tscompile.kernels import cuda as _cuda_backends  # noqa: E402,F401  (regist
 __all__ = [
     "AttentionMetadata", "REGISTRY", "Query", "all_gather", "all_reduce",
     "all_reduce_add_layer_norm", "all_reduce_add_rms_norm", "all_to_all", "build_metadata",
-    "direct_ops", "fused_add_layer_norm", "fused_add_rms_norm", "layer_norm",
+    "direct_ops", "fp8_block_linear", "fused_add_layer_norm", "fused_add_rms_norm",
+    "layer_norm",
     "gqa_attention", "gqa_decode", "gqa_prefill", "mla_attention", "mla_decode", "mla_prefill",
     "moe_experts", "moe_route", "reduce_scatter", "rms_norm",
     "rope", "rope_cos_sin_cache", "sample", "silu_and_mul",

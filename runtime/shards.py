@@ -24,6 +24,8 @@ from tscompile.runtime.dummy_weights import dummy_values
 from tscompile.runtime.weights import Checkpoint
 
 LOADED_KINDS = ("param", "buffer")
+# A plan's stored precision (ParamPlan.stored) as a torch dtype and as safetensors names it.
+_STORED = {"float8_e4m3fn": (torch.float8_e4m3fn, "F8_E4M3"), "float32": (torch.float32, "F32")}
 
 Box = tuple[tuple[int, int], ...]  # one [start, stop) per dim
 
@@ -75,6 +77,7 @@ def _check_piece(plan: ParamPlan, piece: CheckpointPiece, ckpt: SlicedCheckpoint
         raise KeyError(f"checkpoint {ckpt.dir} is missing tensor {piece.key!r}, needed by "
                        f"parameter {plan.name}; hint: is this the checkpoint the program "
                        f"was compiled for?")
+    _check_precision(plan, piece, ckpt)
     expected = tuple(b - a for d, (a, b) in enumerate(region) if d not in piece.squeeze)
     found = ckpt.shape(piece.key)
     if found != expected:
@@ -82,6 +85,18 @@ def _check_piece(plan: ParamPlan, piece: CheckpointPiece, ckpt: SlicedCheckpoint
                          f"parameter {plan.name} expects {list(expected)} for region "
                          f"{[list(r) for r in region]}; hint: the checkpoint's config does not "
                          f"match the compiled model's")
+
+
+def _check_precision(plan: ParamPlan, piece: CheckpointPiece, ckpt: SlicedCheckpoint) -> None:
+    """A quantized tensor must be stored as the program reads it (the reverse, an FP8
+    tensor read into an unquantized plan, is refused by `_read`)."""
+    if plan.stored is None:
+        return
+    found = ckpt.dtype(piece.key)
+    if found != _STORED[plan.stored][1]:
+        raise ValueError(f"checkpoint tensor {piece.key!r} is {found} but the program reads "
+                         f"{plan.name} as {plan.stored}; hint: compile with this checkpoint's "
+                         f"config.json (its quantization_config)")
 
 
 def _check_exactly_once(plan: ParamPlan, shape: tuple[int, ...],
@@ -141,6 +156,11 @@ def _read(ckpt: SlicedCheckpoint, shape: tuple[int, ...], writes: list[tuple[str
     for key, src, dst in writes:
         # Squeezed dims (stacked experts) come back as size-1 dims of the local box.
         values = ckpt.read(key, src).reshape(tuple(b - a for a, b in dst))
+        if values.dtype == torch.float8_e4m3fn and dtype != values.dtype:
+            raise ValueError(f"checkpoint tensor {key!r} is float8_e4m3fn (quantized) but the "
+                             f"program was compiled with it unquantized, and casting it "
+                             f"would drop its scales; hint: compile with this checkpoint's "
+                             f"config.json, whose quantization_config makes it an FP8 linear")
         local[tuple(slice(a, b) for a, b in dst)].copy_(values.to(dtype))
     return local
 
@@ -172,10 +192,22 @@ def load_rank_tensors(plans: dict[str, ParamPlan], rank: int, world: int, *,
     for p in todo.values():
         p.check(world)  # every divisibility error before a single byte is read
     if dummy_seed is not None:
-        return {name: dummy_values(p.name, p.shape, dummy_seed, dim=p.dim,
-                                   ranges=p.ranges(rank, world)).to(device=device, dtype=dtype)
+        return {name: _dummy(p, rank, world, dummy_seed).to(device=device,
+                                                            dtype=_dtype(p, dtype))
                 for name, p in todo.items()}
     with SlicedCheckpoint(weights) as ckpt:
         writes = {name: _plan_writes(p, ckpt, rank, world) for name, p in todo.items()}
-        return {name: _read(ckpt, p.local_shape(world), writes[name], dtype, device)
+        return {name: _read(ckpt, p.local_shape(world), writes[name], _dtype(p, dtype), device)
                 for name, p in todo.items()}
+
+
+def _dtype(plan: ParamPlan, run: torch.dtype) -> torch.dtype:
+    return run if plan.stored is None else _STORED[plan.stored][0]
+
+
+def _dummy(plan: ParamPlan, rank: int, world: int, seed: int) -> torch.Tensor:
+    """Dummy values; an FP8 weight's are its float dummy values cast to FP8, with block
+    scales of 1 (so the dequantized weight is the FP8 rounding of the float one)."""
+    if plan.stored == "float32" and plan.name.endswith("_scale_inv"):
+        return torch.ones(plan.local_shape(world))
+    return dummy_values(plan.name, plan.shape, seed, dim=plan.dim, ranges=plan.ranges(rank, world))

@@ -59,6 +59,10 @@ class Checkpoint:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._open(self._where[key]).get_slice(key).get_shape())
 
+    def dtype(self, key: str) -> str:
+        """The stored dtype as safetensors names it ("BF16", "F32", "F8_E4M3", ...)."""
+        return self._open(self._where[key]).get_slice(key).get_dtype()
+
     def get(self, key: str) -> torch.Tensor:
         return self._open(self._where[key]).get_tensor(key)
 

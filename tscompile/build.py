@@ -35,6 +35,7 @@ from tscompile.passes.propagate import propagate
 from tscompile.passes.trace import trace
 from tscompile.passes.verify import verify
 from tscompile.plan import ParamPlan
+from tscompile.quant import Quantized, apply_fp8_block, check_fp8_blocks, hf_quantization
 from tscompile.runtime.kv_cache import attention_modules, bind_kv_caches
 from tscompile.tsprog import FORMAT_VERSION, write_tsprog
 
@@ -71,11 +72,17 @@ def _kinds(model: torch.nn.Module) -> dict[str, str]:
     return kinds
 
 
-def _plan(stage: Stage, module: ModuleType) -> dict[str, ParamPlan]:
+def _rules(module: ModuleType) -> tuple[Rule, ...]:
+    return getattr(module.MODEL, "CHECKPOINT_MAP", (Rule("{*}", "{*}"),))
+
+
+def _plan(stage: Stage, module: ModuleType, quantized: Quantized | None = None
+          ) -> dict[str, ParamPlan]:
     model = stage.model
-    rules = getattr(module.MODEL, "CHECKPOINT_MAP", (Rule("{*}", "{*}"),))
     tensors = loadable_tensors(model)
-    pieces = plan_pieces(resolve(model, rules), {k: tuple(v.shape) for k, v in tensors.items()})
+    resolved = quantized.pieces if quantized else resolve(model, _rules(module))
+    pieces = plan_pieces(resolved, {k: tuple(v.shape) for k, v in tensors.items()})
+    stored = quantized.stored() if quantized else {}
     kinds = _kinds(model)
     all_tensors = dict(model.named_parameters())
     all_tensors.update(dict(model.named_buffers()))
@@ -84,7 +91,8 @@ def _plan(stage: Stage, module: ModuleType) -> dict[str, ParamPlan]:
         t = all_tensors[name]
         dim = getattr(p, "dim", None)
         plans[name] = ParamPlan(name, tuple(t.shape), _dtype_name(t), kinds[name], dim,
-                                getattr(p, "chunks", 1), pieces.get(name, ()))
+                                getattr(p, "chunks", 1), pieces.get(name, ()),
+                                stored.get(name))
     return plans
 
 
@@ -119,6 +127,9 @@ def build(model: str | Path | None, *, mesh: Mesh, preset: str | None = None,
     cfg = build_config(module, preset=preset, config=config)
     with torch.device("meta"):
         net = module.MODEL(cfg).eval()
+    # Quantized checkpoints (quantization_config): FP8 Linears become fp8_block_linear.
+    quant = hf_quantization(config)
+    quantized = apply_fp8_block(net, resolve(net, _rules(module)), quant) if quant else None
     if attention_modules(net):           # shapes only: a 4-block pool on the meta device
         bind_kv_caches(net, 4, 4, dtype=torch.float32, device="meta")
     stage = Stage(None, mesh, net, cfg)          # type: ignore[arg-type]
@@ -134,7 +145,11 @@ def build(model: str | Path | None, *, mesh: Mesh, preset: str | None = None,
             Path(dump_dir).mkdir(parents=True, exist_ok=True)
             (Path(dump_dir) / f"{i:02d}_{name}.txt").write_text(text)
         log.info("pass %s: %.3f s", name, timings[-1]["seconds"])
-    plans = _plan(stage, module)
+        if name == "propagate" and quantized:     # before localize divides the block grids
+            check_fp8_blocks(stage.facts["param_placements"],
+                             {k: tuple(v.shape) for k, v in net.named_parameters()},
+                             quantized, mesh.world_size)
+    plans = _plan(stage, module, quantized)
     world = mesh.world_size
     for p in plans.values():
         p.check(world)
@@ -143,8 +158,8 @@ def build(model: str | Path | None, *, mesh: Mesh, preset: str | None = None,
     program = render_program(stage, title=f"{label} ({preset or 'config'}) on "
                              f"{mesh.describe()}", model=f"{module.__name__}",
                              format_version=FORMAT_VERSION)
-    param_elems = sum(_numel(p.local_shape(world)) for p in plans.values()
-                      if p.kind in ("param", "buffer"))
+    loaded = [p for p in plans.values() if p.kind in ("param", "buffer")]
+    param_elems = sum(_numel(p.local_shape(world)) for p in loaded)
     manifest = {
         "model": {"name": label, "module": module.__name__, "class": module.MODEL.__name__,
                   "preset": preset, "config": dataclasses.asdict(cfg)},
@@ -152,7 +167,7 @@ def build(model: str | Path | None, *, mesh: Mesh, preset: str | None = None,
         "tensors": {n: p.to_json() for n, p in plans.items()},
         "kv_cache": kv,
         "param_elements_per_rank": param_elems,
-        "param_bytes_per_rank": {"bfloat16": param_elems * 2, "float32": param_elems * 4},
+        "param_bytes_per_rank": _param_bytes(loaded, world),
         "schedule": stage.facts["schedule"],
         "collectives_per_layer": _per_layer(stage.facts["schedule"]),
         "fused_all_reduce_norm": stage.facts.get("fused_all_reduce_norm", 0),
@@ -160,6 +175,9 @@ def build(model: str | Path | None, *, mesh: Mesh, preset: str | None = None,
         "passes": timings,
         "inputs": ["input_ids [T] int64", "positions [T] int64", "meta: AttentionMetadata"],
     }
+    if quantized:
+        manifest["quantization"] = dict(quantized.quant.to_hf(),
+                                        quantized_tensors=sorted(quantized.scales))
     files = {"program.py": program, "model.py": Path(module.__file__).read_text(),
              "graph.json": json.dumps(graph_json(stage), indent=None), **dumps}
     return Built(stage, manifest, files)
@@ -186,6 +204,16 @@ def _numel(shape: tuple[int, ...]) -> int:
     for s in shape:
         n *= s
     return n
+
+
+_BYTES = {"bfloat16": 2, "float32": 4, "float8_e4m3fn": 1}
+
+
+def _param_bytes(plans: list[ParamPlan], world: int) -> dict[str, int]:
+    """Bytes per rank when run in bf16 / fp32: tensors with a stored precision (FP8 weights,
+    their fp32 scales) count at that precision in both."""
+    return {run: sum(_numel(p.local_shape(world)) * _BYTES[p.stored or run] for p in plans)
+            for run in ("bfloat16", "float32")}
 
 
 def _per_layer(schedule: list[dict[str, Any]]) -> dict[str, list[str]]:

@@ -1,7 +1,8 @@
 """The `tscompile` command line: `build` (model file -> .tsprog), `inspect` (its summary),
 `export` (its per-rank graph as ONNX), `generate` (offline generation: on one device from a
-model file, or with a compiled .tsprog on its world of CPU processes) and `import-gguf` (a
-llama.cpp GGUF -> Hugging Face folder). DESIGN.md §Compile.
+model file, or with a compiled .tsprog on its world of CPU processes), `import-gguf` (a
+llama.cpp GGUF -> Hugging Face folder) and `quantize` (a bf16/fp32 HF folder -> a
+block-scaled FP8 one). DESIGN.md §Compile.
 
 Defaults come from the dataclasses they configure (`SamplingParams`), not from literals here.
 """
@@ -139,6 +140,28 @@ def _import_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quantize", help="write a quantized copy of a Hugging Face checkpoint "
+                                        "(block-scaled FP8, as DeepSeek-V3 ships)")
+    p.add_argument("checkpoint", help="Hugging Face folder (config.json + safetensors)")
+    p.add_argument("--fp8-block", action="store_true", required=True,
+                   help="float8_e4m3fn weights with float32 weight_scale_inv per block")
+    p.add_argument("--block", type=int, nargs=2, default=[128, 128], metavar=("BN", "BK"),
+                   help="weight_block_size (default 128 128)")
+    p.add_argument("--keep", action="append", default=[],
+                   help="a module name to leave unquantized (repeatable)")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from tscompile.quantize import quantize_checkpoint
+
+    out = quantize_checkpoint(args.checkpoint, args.output, block=tuple(args.block),
+                              keep=tuple(args.keep))
+    print(f"wrote {out}")
+    return 0
+
+
 def _add_build(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("build", help="compile a model file into a tensor/expert-parallel .tsprog")
     p.add_argument("model", nargs="?",
@@ -214,9 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     _add_export(sub)
     _add_generate(sub)
     _add_import_gguf(sub)
+    _add_quantize(sub)
     args = parser.parse_args(argv)
     commands = {"build": _build, "inspect": _inspect, "export": _export,
-                "generate": _generate, "import-gguf": _import_gguf}
+                "generate": _generate, "import-gguf": _import_gguf,
+                "quantize": _quantize}
     try:
         return commands[args.command](args)
     except (ValueError, KeyError, FileNotFoundError) as e:

@@ -45,6 +45,10 @@ class ParamPlan:
     dim: int | None = None             # sharded dim (None: replicated)
     chunks: int = 1                    # see module docstring
     pieces: tuple[CheckpointPiece, ...] = ()
+    # The dtype the tensor is loaded and kept in whatever the run's dtype: the stored
+    # precision of a quantized weight ("float8_e4m3fn") and of its scales ("float32"), which
+    # the kernels read as stored. None: the run's dtype (--dtype), cast from the checkpoint.
+    stored: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -88,9 +92,9 @@ class ParamPlan:
     def to_json(self) -> dict[str, Any]:
         return {"shape": list(self.shape), "dtype": self.dtype, "kind": self.kind,
                 "placement": self.placement, "dim": self.dim, "chunks": self.chunks,
-                "pieces": [p.to_json() for p in self.pieces]}
+                "pieces": [p.to_json() for p in self.pieces], "stored": self.stored}
 
     @classmethod
     def from_json(cls, name: str, d: dict[str, Any]) -> ParamPlan:
         return cls(name, tuple(d["shape"]), d["dtype"], d["kind"], d["dim"], d["chunks"],
-                   tuple(CheckpointPiece.from_json(p) for p in d["pieces"]))
+                   tuple(CheckpointPiece.from_json(p) for p in d["pieces"]), d.get("stored"))

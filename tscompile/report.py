@@ -26,6 +26,7 @@ def summary(prog: Tsprog) -> dict[str, Any]:
         "collectives": per_kind, "collectives_per_layer": layers,
         "fused_all_reduce_norm": m["fused_all_reduce_norm"],
         "passes": m["passes"],
+        "quantization": m.get("quantization"),
     }
 
 
@@ -61,6 +62,10 @@ def format_summary(s: dict[str, Any]) -> str:
         f"parameters per rank: {s['param_elements_per_rank'] / 1e6:.2f} M elements = "
         f"{_gib(pb['bfloat16'])} bf16 / {_gib(pb['float32'])} fp32 "
         f"({s['sharded_tensors']} of {s['tensors']} tensors sharded)",
+        *([f"quantized: {len(s['quantization']['quantized_tensors'])} weights "
+            f"{s['quantization']['quant_method']} block {s['quantization']['weight_block_size']}"
+            f" (bytes above count them, and their fp32 scales, as stored)"]
+          if s.get("quantization") else []),
         f"KV cache per token per rank: {kv['bfloat16']} B bf16 / {kv['float32']} B fp32 "
         f"({s['num_layers']} attention layers)",
         "collectives: " + (", ".join(f"{v} {k}" for k, v in sorted(s["collectives"].items()))

@@ -4,6 +4,12 @@
   addmm      "n, mk, kn -> mn"        (bias, x, weight [in, out]: GPT-2's Conv1D)
   matmul     "...mk, ...kn -> ...mn"
   embedding  "t, vh -> th"            (ids, table)
+  fp8_block_linear "...k, nk, nk, n -> ...n"  (x, FP8 weight, its block scales, bias)
+
+The block scales of an FP8 weight [N, K] form a grid [N/bn, K/bk] over the same letters, so
+every strategy splits them exactly like the weight (S(0) rows with S(0) rows, S(1) with S(1),
+the same chunks); whether a rank's slice is whole blocks is checked after propagation
+(tscompile/quant.py: check_fp8_blocks), where the error can name the block size.
 
 From a spec: a letter kept in the output may be sharded in every input that has it (the
 output is sharded there: column parallel when it is `n`); a contracted letter sharded in
@@ -76,6 +82,14 @@ def linear(node: fx.Node, ctx: Ctx) -> list[Strategy]:
     if len(args) < 3:
         return einsum_strategies("...k,nk->...n", args, chunk_letters="n")
     return einsum_strategies("...k,nk,n->...n", args, chunk_letters="n", additive=2)
+
+
+@rule("tscompile::fp8_block_linear")
+def fp8_block_linear(node: fx.Node, ctx: Ctx) -> list[Strategy]:
+    args = tensor_args(node)
+    if len(args) < 4:
+        return einsum_strategies("...k,nk,nk->...n", args, chunk_letters="n")
+    return einsum_strategies("...k,nk,nk,n->...n", args, chunk_letters="n", additive=3)
 
 
 @rule("addmm")
