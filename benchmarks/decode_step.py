@@ -157,6 +157,8 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, help="the engine's (block tables are this "
                     "wide; the decode kernels size their splits from it); default context + "
                     "steps + 512")
+    ap.add_argument("--quant", choices=("fp8-block",), help="build with `--quant` (FP8 "
+                    "block-scaled Linears; dummy weights stored FP8)")
     ap.add_argument("--out")
     ap.add_argument("--graphs-only", action="store_true", help="skip the --enforce-eager runs")
     ap.add_argument("--kernel-profile", help="torch.profiler kernel table of every "
@@ -170,7 +172,7 @@ def main() -> None:
 
     device = torch.device("cuda")
     roof = roofs(device)
-    path = build(a.model, preset=a.preset, mesh=Mesh.build(1)).save(
+    path = build(a.model, preset=a.preset, mesh=Mesh.build(1), quant=a.quant).save(
         Path(tempfile.mkdtemp()) / f"{a.preset}.tsprog")
     t0 = time.perf_counter()
     program = RankProgram(path, 0, dummy_seed=0, dtype=torch.bfloat16, device=device)

@@ -3,7 +3,8 @@ each with a `reference` backend in plain torch and a registry that picks a backe
 device, arch, dtype and shape (`kernels/registry.py`).
 
 Importing this package registers every op. Op families, one file each:
-norm (rms_norm, fused_add_rms_norm, layer_norm, fused_add_layer_norm), rope, activation
+norm (rms_norm, fused_add_rms_norm, layer_norm, fused_add_layer_norm), rope (rope,
+rms_norm_rope), activation
 (silu_and_mul), fp8 (fp8_block_linear: block-scaled FP8 weights), gqa (paged GQA),
 mla (paged MLA), moe (moe_route, moe_experts), sample.
 The paged KV layout: `paged.py`.
@@ -25,7 +26,7 @@ from tscompile.kernels.moe import moe_experts, moe_route
 from tscompile.kernels.norm import fused_add_layer_norm, fused_add_rms_norm, layer_norm, rms_norm
 from tscompile.kernels.paged import AttentionMetadata, build_metadata
 from tscompile.kernels.registry import REGISTRY, Query, direct_ops
-from tscompile.kernels.rope import rope, rope_cos_sin_cache
+from tscompile.kernels.rope import rms_norm_rope, rope, rope_cos_sin_cache
 from tscompile.kernels.sample import sample
 from tscompile.kernels import triton as _triton_backends  # noqa: E402,F401  (registers "triton")
 from tscompile.kernels import cuda as _cuda_backends  # noqa: E402,F401  (registers "cuda")
@@ -37,5 +38,5 @@ __all__ = [
     "layer_norm",
     "gqa_attention", "gqa_decode", "gqa_prefill", "mla_attention", "mla_decode", "mla_prefill",
     "moe_experts", "moe_route", "reduce_scatter", "rms_norm",
-    "rope", "rope_cos_sin_cache", "sample", "silu_and_mul",
+    "rms_norm_rope", "rope", "rope_cos_sin_cache", "sample", "silu_and_mul",
 ]

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from .paged import gather_pages, write_slots
+from .paged import gather_pages, write_slots2
 from .registry import dispatch, kernel_op, register
 
 
@@ -174,9 +174,11 @@ def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: t
     """q [T, Hq, D], k/v [T, Hkv, D]: store K/V at slot_mapping, attend, return [T, Hq, D]."""
     _check_cache(q, kv_cache)
     facts = _variants(q, window, sinks, softcap)
-    write_slots(kv_cache[0], slot_mapping, k)
-    write_slots(kv_cache[1], slot_mapping, v)
+    write_slots2(kv_cache[0], kv_cache[1], slot_mapping, k, v)
     # Decodes come first (one token each), so their queries are rows 0..num_decodes-1.
+    if num_decodes == seq_lens.shape[0] == q.shape[0]:     # a pure decode step: no copy
+        return dispatch("gqa_decode", q, kv_cache, block_tables, seq_lens, scale, window,
+                        sinks, softcap, head_dim=q.shape[-1], **facts)
     out = torch.empty_like(q)
     if num_decodes:
         out[:num_decodes] = dispatch("gqa_decode", q[:num_decodes], kv_cache,

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import torch
 
-from .paged import gather_pages, write_slots
+from .paged import gather_pages, write_slots2
 from .registry import dispatch, kernel_op, register
 
 
@@ -180,7 +180,7 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_c: torch.Tensor,
         raise ValueError(f"mla_attention: kv_c must be [T={t}, kv_lora_rank={rank}] and k_pe "
                          f"[T={t}, qk_rope_head_dim={q_pe.shape[-1]}], got "
                          f"{list(kv_c.shape)} and {list(k_pe.shape)}")
-    write_slots(kv_cache, slot_mapping, torch.cat([kv_c, k_pe], dim=-1))
+    write_slots2(kv_cache[..., :rank], kv_cache[..., rank:], slot_mapping, kv_c, k_pe)
     out = q_nope.new_empty(t, q_nope.shape[1], w_vc.shape[-1])
     # Decodes come first (one token each), so their queries are rows 0..num_decodes-1.
     if num_decodes:

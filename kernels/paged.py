@@ -39,6 +39,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .registry import dispatch, register
+
 
 FP8_KV_DTYPES = (torch.float8_e4m3fn,)     # KV cache dtypes stored with scale 1
 
@@ -135,3 +137,21 @@ def write_slots(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.T
         flat.view(torch.uint8).index_copy_(0, slot_mapping, values.view(torch.uint8))
         return
     flat.index_copy_(0, slot_mapping, values.to(cache.dtype))
+
+
+@register("write_slots2", "reference")
+def write_slots2_reference(dst_a: torch.Tensor, dst_b: torch.Tensor,
+                           slot_mapping: torch.Tensor, a: torch.Tensor,
+                           b: torch.Tensor) -> None:
+    write_slots(dst_a, slot_mapping, a)
+    write_slots(dst_b, slot_mapping, b)
+
+
+def write_slots2(dst_a: torch.Tensor, dst_b: torch.Tensor, slot_mapping: torch.Tensor,
+                 a: torch.Tensor, b: torch.Tensor) -> None:
+    """`write_slots(dst_a, slots, a); write_slots(dst_b, slots, b)` as one scatter launch on
+    a GPU: GQA's K and V pools (dst = kv_cache[0], kv_cache[1]), or MLA's latent and rope
+    columns of its one pool (dst = kv_cache[..., :L], kv_cache[..., L:]). Each dst is
+    [NB, PS, ...] whose per-slot row is contiguous or a column slice; a, b are [T, ...]
+    with the same per-token element count as a dst row."""
+    dispatch("write_slots2", dst_a, dst_b, slot_mapping, a, b)

@@ -11,6 +11,11 @@ implements them, so the logits match.
 rotates the first r dims of each head (r <= D, partial rotary) and copies the rest.
 `interleaved=False` is the GPT-NeoX / Llama "rotate half" pairing (i, i + r/2);
 `interleaved=True` is the GPT-J / DeepSeek pairing (2i, 2i + 1).
+
+`tscompile::rms_norm_rope(x, weight, eps, positions, cos_sin_cache, interleaved)` is
+`rope(rms_norm(x, weight, eps), ...)` in one op (per-head QK-norm then RoPE), which the
+compiler's `fuse_kernels` pass makes of that pair: one launch instead of two, and x may be
+a strided view (a slice of a packed QKV projection) without a copy.
 """
 from __future__ import annotations
 
@@ -121,3 +126,39 @@ def rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
 @rope.register_fake
 def _(x, positions, cos_sin_cache, interleaved):
     return torch.empty_like(x)
+
+
+# ----------------------------------------------------------------------------------------
+# rms_norm_rope: QK-norm and RoPE of one tensor in one op (what `passes/fuse_kernels.py`
+# makes of `rope(rms_norm(x, w, eps), positions, table, interleaved)`: Qwen3, GLM's QK-norm).
+# ----------------------------------------------------------------------------------------
+@register("rms_norm_rope", "reference")
+def rms_norm_rope_reference(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                            positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                            interleaved: bool) -> torch.Tensor:
+    from .norm import rms_norm_reference
+    return rope_reference(rms_norm_reference(x, weight, eps), positions, cos_sin_cache,
+                          interleaved)
+
+
+@kernel_op("rms_norm_rope")
+def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, positions: torch.Tensor,
+                  cos_sin_cache: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """x [T, H, D] (rows of any stride, last dim contiguous), weight [D] -> [T, H, D]:
+    RMSNorm over each head's D dims, then RoPE by position; exactly `rope(rms_norm(x))`."""
+    if x.dim() != 3 or positions.shape[0] != x.shape[0]:
+        raise ValueError(f"rms_norm_rope expects x [T, H, D] and positions [T], got "
+                         f"{list(x.shape)} and {list(positions.shape)}")
+    if weight.shape != (x.shape[-1],):
+        raise ValueError(f"rms_norm_rope: weight must be [{x.shape[-1]}] (x's last dim), got "
+                         f"{list(weight.shape)}")
+    if cos_sin_cache.shape[-1] > x.shape[-1]:
+        raise ValueError(f"rms_norm_rope: rotary dim {cos_sin_cache.shape[-1]} exceeds head "
+                         f"dim {x.shape[-1]}")
+    return dispatch("rms_norm_rope", x, weight, eps, positions, cos_sin_cache,
+                    interleaved).contiguous()
+
+
+@rms_norm_rope.register_fake
+def _(x, weight, eps, positions, cos_sin_cache, interleaved):
+    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))

@@ -70,6 +70,25 @@ def _derived(prog: Tsprog, plans: dict[str, ParamPlan], rank: int, world: int,
     return out
 
 
+def pack_tensors(tensors: dict[str, torch.Tensor], packed: dict[str, dict]) -> None:
+    """Build the manifest's packed tensors (passes/pack_linears.py) in place: each is this
+    rank's parts concatenated along `dim`; a part no longer read by the program is dropped
+    as soon as its pack exists, so at most one pack's worth of extra memory is held."""
+    parts_left: dict[str, int] = {}
+    for spec in packed.values():
+        for p in spec["parts"]:
+            parts_left[p] = parts_left.get(p, 0) + 1
+    for name, spec in packed.items():
+        missing = [p for p in spec["parts"] if p not in tensors]
+        if missing:
+            raise ValueError(f"packed tensor {name} needs {missing}, which were not loaded")
+        tensors[name] = torch.cat([tensors[p] for p in spec["parts"]], spec["dim"])
+        for p in spec["parts"]:
+            parts_left[p] -= 1
+            if not parts_left[p]:
+                del tensors[p]
+
+
 class RankProgram:
     """One rank of a compiled program with its tensors loaded."""
 
@@ -87,6 +106,7 @@ class RankProgram:
                                          dummy_seed=dummy_seed, dtype=dtype, device=device)
         self.tensors.update(_derived(self.prog, self.plans, rank, self.world, dtype,
                                      self.device))
+        pack_tensors(self.tensors, self.prog.manifest.get("packed", {}))
         namespace: dict[str, Any] = {"__name__": "tscompile_program"}
         exec(compile(self.prog.program_source, f"{self.prog.path}!program.py", "exec"),
              namespace)

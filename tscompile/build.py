@@ -29,13 +29,17 @@ from tscompile.models import (build_config, load_model_file, model_file_for_hf,
 from tscompile.models.checkpoint import Rule, loadable_tensors, plan_pieces, resolve
 from tscompile.passes.collectives import insert_collectives
 from tscompile.passes.fuse import fuse
+from tscompile.passes.fuse_kernels import fuse_kernels
+from tscompile.passes.pack_linears import pack_linears
 from tscompile.passes.ir import Stage, dump
 from tscompile.passes.localize import localize
 from tscompile.passes.propagate import propagate
 from tscompile.passes.trace import trace
 from tscompile.passes.verify import verify
 from tscompile.plan import ParamPlan
-from tscompile.quant import Quantized, apply_fp8_block, check_fp8_blocks, hf_quantization
+from tscompile.quant import (
+    BUILD_QUANT, Quantized, apply_fp8_block, check_called, check_fp8_blocks, hf_quantization,
+)
 from tscompile.runtime.kv_cache import attention_modules, bind_kv_caches
 from tscompile.tsprog import FORMAT_VERSION, write_tsprog
 
@@ -43,7 +47,11 @@ log = logging.getLogger(__name__)
 
 PASSES: tuple[tuple[str, Callable[[Stage], Stage]], ...] = (
     ("trace", trace), ("propagate", propagate), ("insert_collectives", insert_collectives),
-    ("localize", localize), ("fuse", fuse), ("verify", verify))
+    ("localize", localize), ("fuse", fuse), ("pack_linears", pack_linears),
+    ("fuse_kernels", fuse_kernels), ("verify", verify))
+# graph.json (the ONNX export's input) is the graph after this pass: checkpoint tensors and
+# the tscompile ops an exporter knows, before the per-rank packing and kernel fusions.
+GRAPH_JSON_AFTER = "fuse"
 
 
 @dataclass
@@ -119,17 +127,27 @@ def _kv_layout(model: torch.nn.Module, plans: dict[str, ParamPlan], world: int
 
 def build(model: str | Path | None, *, mesh: Mesh, preset: str | None = None,
           config: str | Path | dict[str, Any] | None = None,
-          dump_dir: str | Path | None = None, model_path: Sequence[str | Path] = ()
-          ) -> Built:
+          dump_dir: str | Path | None = None, model_path: Sequence[str | Path] = (),
+          quant: str | None = None) -> Built:
     """`model` is a model file or name; None finds it by the config's model_type (built-ins,
-    entry points, then `model_path` and TSCOMPILE_MODEL_PATH: tscompile.models)."""
+    entry points, then `model_path` and TSCOMPILE_MODEL_PATH: tscompile.models).
+    `quant` ("fp8-block"): quantize an unquantized preset or config's Linears at build
+    time, as `tscompile quantize` would its checkpoint (dummy weights, byte reports)."""
     module, config = _model_file(model, preset, config, model_path)
     cfg = build_config(module, preset=preset, config=config)
     with torch.device("meta"):
         net = module.MODEL(cfg).eval()
     # Quantized checkpoints (quantization_config): FP8 Linears become fp8_block_linear.
-    quant = hf_quantization(config)
-    quantized = apply_fp8_block(net, resolve(net, _rules(module)), quant) if quant else None
+    qcfg = hf_quantization(config)
+    if quant is not None:
+        if quant not in BUILD_QUANT:
+            raise ValueError(f"--quant {quant!r} is not supported; supported: "
+                             f"{', '.join(BUILD_QUANT)}")
+        if qcfg is not None:
+            raise ValueError(f"--quant {quant}: the config is already quantized "
+                             f"({qcfg.to_hf()['quant_method']}); drop --quant")
+        qcfg = BUILD_QUANT[quant]()
+    quantized = apply_fp8_block(net, resolve(net, _rules(module)), qcfg) if qcfg else None
     if attention_modules(net):           # shapes only: a 4-block pool on the meta device
         bind_kv_caches(net, 4, 4, dtype=torch.float32, device="meta")
     stage = Stage(None, mesh, net, cfg)          # type: ignore[arg-type]
@@ -138,6 +156,8 @@ def build(model: str | Path | None, *, mesh: Mesh, preset: str | None = None,
     for i, (name, fn) in enumerate(PASSES):
         t0 = time.perf_counter()
         stage = fn(stage)
+        if name == GRAPH_JSON_AFTER:
+            graph = graph_json(stage)
         timings.append({"pass": name, "seconds": round(time.perf_counter() - t0, 4)})
         text = dump(stage)
         dumps[f"dumps/{i:02d}_{name}.txt"] = text
@@ -145,6 +165,8 @@ def build(model: str | Path | None, *, mesh: Mesh, preset: str | None = None,
             Path(dump_dir).mkdir(parents=True, exist_ok=True)
             (Path(dump_dir) / f"{i:02d}_{name}.txt").write_text(text)
         log.info("pass %s: %.3f s", name, timings[-1]["seconds"])
+        if name == "trace" and quantized:
+            check_called(stage.gm, quantized)
         if name == "propagate" and quantized:     # before localize divides the block grids
             check_fp8_blocks(stage.facts["param_placements"],
                              {k: tuple(v.shape) for k, v in net.named_parameters()},
@@ -171,6 +193,9 @@ def build(model: str | Path | None, *, mesh: Mesh, preset: str | None = None,
         "schedule": stage.facts["schedule"],
         "collectives_per_layer": _per_layer(stage.facts["schedule"]),
         "fused_all_reduce_norm": stage.facts.get("fused_all_reduce_norm", 0),
+        "fused_kernels": stage.facts.get("fused_kernels", {}),
+        # Tensors the runtime builds after loading, from this rank's slices of their parts.
+        "packed": stage.facts.get("packed", {}),
         "warnings": stage.facts.get("warnings", []),
         "passes": timings,
         "inputs": ["input_ids [T] int64", "positions [T] int64", "meta: AttentionMetadata"],
@@ -179,7 +204,7 @@ def build(model: str | Path | None, *, mesh: Mesh, preset: str | None = None,
         manifest["quantization"] = dict(quantized.quant.to_hf(),
                                         quantized_tensors=sorted(quantized.scales))
     files = {"program.py": program, "model.py": Path(module.__file__).read_text(),
-             "graph.json": json.dumps(graph_json(stage), indent=None), **dumps}
+             "graph.json": json.dumps(graph, indent=None), **dumps}
     return Built(stage, manifest, files)
 
 

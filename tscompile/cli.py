@@ -180,6 +180,10 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     moe = p.add_mutually_exclusive_group()
     moe.add_argument("--moe-tp", type=int, help="MoE tensor parallel degree (1 or --tp)")
     moe.add_argument("--moe-ep", type=int, help="MoE expert parallel degree (1 or --tp)")
+    p.add_argument("--quant", choices=("fp8-block",),
+                   help="quantize an unquantized preset or config at build time as `tscompile "
+                        "quantize` would its checkpoint: Linears as block-scaled FP8 (routers "
+                        "and MLA's kv_b_proj kept); for --dummy-weights runs and byte reports")
     p.add_argument("-o", "--output", required=True, help="output .tsprog")
     p.add_argument("--dump", help="also write the graph after every pass to this folder "
                                   "(same as TSCOMPILE_DUMP)")
@@ -193,7 +197,8 @@ def _build(args: argparse.Namespace) -> int:
 
     mesh = Mesh.build(args.tp, attn_tp=args.attn_tp, moe_tp=args.moe_tp, moe_ep=args.moe_ep)
     out = build(args.model, mesh=mesh, preset=args.preset, config=args.config,
-                dump_dir=args.dump, model_path=args.model_path).save(args.output)
+                dump_dir=args.dump, model_path=args.model_path, quant=args.quant
+                ).save(args.output)
     print(format_summary(summary(read_tsprog(out))))
     print(f"wrote {out}")
     return 0

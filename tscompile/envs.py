@@ -76,5 +76,12 @@ TSCOMPILE_MODEL_PATH = EnvVar(
     "--model-path (models/__init__.py).",
 )
 
+TSCOMPILE_NO_KERNEL_FUSION = EnvVar(
+    "TSCOMPILE_NO_KERNEL_FUSION", False, lambda s: s.lower() in ("1", "true", "yes"),
+    "Build without the per-rank kernel fusions (passes fuse_kernels and pack_linears), to "
+    "measure what they save; the all-reduce fusions stay.",
+)
+
 ALL: tuple[EnvVar, ...] = (TSCOMPILE_KERNELS, TSCOMPILE_DUMP, TSCOMPILE_LOG_KERNELS,
-                           TSCOMPILE_CUDA_CACHE, TSCOMPILE_MODEL_PATH)
+                           TSCOMPILE_CUDA_CACHE, TSCOMPILE_MODEL_PATH,
+                           TSCOMPILE_NO_KERNEL_FUSION)

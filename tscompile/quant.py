@@ -207,3 +207,27 @@ def check_fp8_blocks(placements: dict[str, Any], shapes: dict[str, tuple[int, ..
                 f"straddles ranks 0 and 1; hint: a tp "
                 f"degree with {part * world} / tp a multiple of {b}, or list the module in "
                 f"quantization_config.modules_to_not_convert")
+
+
+def check_called(gm, done: Quantized) -> None:
+    """After tracing: every FP8 weight is read only by its module's `fp8_block_linear` (a
+    model that reads `module.weight` itself, as an MoE router's fp32 matmul or MLA's
+    absorbed `kv_b_proj` do, would get FP8 codes without their scales: refused, naming it)."""
+    target = torch.ops.tscompile.fp8_block_linear.default
+    for n in gm.graph.nodes:
+        if n.op != "get_attr" or n.target not in done.scales:
+            continue
+        other = [u for u in n.users if not (u.op == "call_function" and u.target is target)]
+        if other:
+            module = n.target.removesuffix(".weight")
+            raise ValueError(
+                f"FP8 weight {n.target} is read directly by the model ({other[0].op} "
+                f"{other[0].target!s:.40}), not through its Linear's forward, so it would be "
+                f"used without its block scales; hint: keep {module!r} unquantized "
+                f"(quantization_config.modules_to_not_convert, or a checkpoint that stores it "
+                f"in bf16)")
+
+
+# `tscompile build --quant`: quantize a preset (dummy-weight runs, per-rank byte reports) as a
+# checkpoint made by `tscompile quantize` would be: routers and MLA's absorbed kv_b_proj kept.
+BUILD_QUANT = {"fp8-block": lambda: Fp8Block((128, 128), ("mlp.gate", "kv_b_proj"))}

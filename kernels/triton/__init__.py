@@ -14,7 +14,7 @@ import os
 AVAILABLE = importlib.util.find_spec("triton") is not None
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-MODULES = ("norm", "rope", "activation", "gqa", "mla", "moe")
+MODULES = ("norm", "rope", "activation", "paged", "gqa", "mla", "moe", "fp8")
 
 
 def requirements(dtypes, shape_check=None):

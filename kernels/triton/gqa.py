@@ -229,6 +229,9 @@ def _decode_reduce_kernel(
     s_mask = offs_s < NUM_SPLITS
     d_mask = offs_d < HEAD_DIM
     ms = tl.load(m_ptr + row * NUM_SPLITS + offs_s, mask=s_mask, other=float("-inf"))
+    # Splits past the last non-empty one (a context shorter than the graph's longest) are
+    # never read below.
+    s_mask = offs_s < tl.max(tl.where(ms > float("-inf"), offs_s + 1, 0), 0)
     ls = tl.load(l_ptr + row * NUM_SPLITS + offs_s, mask=s_mask, other=0.0)
     m = tl.max(ms, 0)
     if HAS_SINKS:                                   # the sink joins the max and the sum

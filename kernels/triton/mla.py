@@ -213,7 +213,7 @@ def _decode_split_kernel(
 def _decode_reduce_kernel(
     part_o_ptr, part_lse_ptr, out_ptr, stride_ob, stride_om, num_splits,
     RANK: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_L: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     m = tl.program_id(0)
     b = tl.program_id(1)
@@ -227,12 +227,19 @@ def _decode_reduce_kernel(
     top = tl.where(top == float("-inf"), 0.0, top)  # every split empty (seq_len 0): no NaN
     w = tl.exp2(lse - top)                          # empty splits weigh exp2(-inf) = 0
     denom = tl.sum(w, 0)
+    # Splits past the last non-empty one (a context shorter than the graph's longest) are
+    # never read: the loop runs to `used`, BLOCK_C splits of [L] rows per step.
+    used = tl.max(tl.where(lse > float("-inf"), offs_s + 1, 0), 0)
+    offs_c = tl.arange(0, BLOCK_C)
     acc = tl.zeros([BLOCK_L], tl.float32)
-    for s in range(num_splits):                     # one [L] row per split: few registers
-        w_s = tl.exp2(tl.load(part_lse_ptr + row * num_splits + s) - top)
-        o_s = tl.load(part_o_ptr + (row * num_splits + s) * RANK + offs_l, mask=l_mask,
-                      other=0.0)
-        acc += w_s * o_s
+    for s0 in range(0, used, BLOCK_C):
+        s = s0 + offs_c
+        s_ok = s < used
+        w_s = tl.exp2(tl.load(part_lse_ptr + row * num_splits + s, mask=s_ok,
+                              other=float("-inf")) - top)
+        o_s = tl.load(part_o_ptr + (row * num_splits + s)[:, None] * RANK + offs_l[None, :],
+                      mask=s_ok[:, None] & l_mask[None, :], other=0.0)
+        acc += tl.sum(o_s * w_s[:, None], 0)
     out = acc / tl.where(denom > 0, denom, 1.0)
     tl.store(out_ptr + b.to(tl.int64) * stride_ob + m * stride_om + offs_l,
              out.to(out_ptr.dtype.element_ty), mask=l_mask)
@@ -334,7 +341,8 @@ def reduce_partials(part_o: torch.Tensor, part_lse: torch.Tensor, out: torch.Ten
     _decode_reduce_kernel[(rows, batch)](
         part_o, part_lse, out, out.stride(0), out.stride(1), splits, RANK=rank,
         BLOCK_S=triton.next_power_of_2(splits),
-        BLOCK_L=max(16, triton.next_power_of_2(rank)), num_warps=4,
+        BLOCK_L=max(16, triton.next_power_of_2(rank)),
+        BLOCK_C=min(4, triton.next_power_of_2(splits)), num_warps=4,
     )
 
 

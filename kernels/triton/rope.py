@@ -12,6 +12,9 @@ fp32 results can match the reference bit for bit (seen on an H100:
 benchmarks/results/kernels/NOTES_from_docstrings.md).
 x may be a strided view (MLA's q_pe is [T, Nh, dn + dr][..., dn:]): only the last dim must
 be contiguous. The output is a new contiguous [T, H, D] tensor (the op is not in place).
+Also the "triton" backend of `rms_norm_rope` (kernels/rope.py): the same tile, normalised
+per head first (sum of squares over all D dims in fp32, the norm's two roundings), so a
+QK-norm model's norm and RoPE are one launch.
 What it is not: the table builder (`rope_cos_sin_cache`, in the op file), or a fused
 q/k + KV-cache write.
 
@@ -120,6 +123,91 @@ def rope_triton(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.T
     _rope_kernel[grid](
         x, positions, cos_sin_cache, out,
         h, x.stride(0), x.stride(1), cos_sin_cache.stride(0),
+        HEAD_DIM=d, ROT_DIM=r, INTERLEAVED=bool(interleaved),
+        BLOCK_H=block_h, BLOCK_R2=block_r2, BLOCK_REST=block_rest,
+        num_warps=NUM_WARPS, enable_fp_fusion=False,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# rms_norm_rope: per-head RMSNorm, then RoPE, one pass over the heads (QK-norm models)
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _rms_norm_rope_kernel(
+    x_ptr, w_ptr, pos_ptr, cache_ptr, out_ptr,
+    n_heads, x_stride_t, x_stride_h, cache_stride, eps,
+    HEAD_DIM: tl.constexpr, ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_R2: tl.constexpr, BLOCK_REST: tl.constexpr,
+):
+    # The norm rounds where kernels/norm.py's reference does (x * rstd to x's dtype, times
+    # the weight, to the output dtype); RoPE then reads that rounded value, as `rope` would.
+    HALF: tl.constexpr = ROT_DIM // 2
+    norm_ty = x_ptr.dtype.element_ty
+    t = tl.program_id(0).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)                 # [BH]
+    head_ok = heads < n_heads
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    j = tl.arange(0, BLOCK_R2)
+    j_ok = j < HALF
+    row = cache_ptr + pos * cache_stride
+    cos = tl.load(row + j, mask=j_ok, other=0.0).to(tl.float32)[None, :]      # [1, R2]
+    sin = tl.load(row + HALF + j, mask=j_ok, other=0.0).to(tl.float32)[None, :]
+    x_head = x_ptr + t * x_stride_t + heads[:, None].to(tl.int64) * x_stride_h  # [BH, 1]
+    o_head = out_ptr + (t * n_heads + heads[:, None]) * HEAD_DIM
+    # The rotated dims as two [BH, R2] halves: (i, i + r/2) pairs, or even / odd positions.
+    if INTERLEAVED:
+        i1, i2 = 2 * j, 2 * j + 1
+    else:
+        i1, i2 = j, HALF + j
+    mask = head_ok[:, None] & j_ok[None, :]
+    x1 = tl.load(x_head + i1[None, :], mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_head + i2[None, :], mask=mask, other=0.0).to(tl.float32)
+    ss = tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)                               # [BH]
+    if BLOCK_REST > 0:
+        c = ROT_DIM + tl.arange(0, BLOCK_REST)
+        rmask = head_ok[:, None] & (c[None, :] < HEAD_DIM)
+        xr = tl.load(x_head + c[None, :], mask=rmask, other=0.0).to(tl.float32)
+        ss += tl.sum(xr * xr, 1)
+    rstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(ss / HEAD_DIM + eps))[:, None]
+    w1 = tl.load(w_ptr + i1, mask=j_ok, other=0.0).to(tl.float32)[None, :]
+    w2 = tl.load(w_ptr + i2, mask=j_ok, other=0.0).to(tl.float32)[None, :]
+    out_ty = out_ptr.dtype.element_ty
+    y1 = ((x1 * rstd).to(norm_ty).to(tl.float32) * w1).to(out_ty).to(tl.float32)
+    y2 = ((x2 * rstd).to(norm_ty).to(tl.float32) * w2).to(out_ty).to(tl.float32)
+    o1 = y1 * cos - y2 * sin
+    o2 = y2 * cos + y1 * sin
+    tl.store(o_head + i1[None, :], o1.to(out_ty), mask=mask)
+    tl.store(o_head + i2[None, :], o2.to(out_ty), mask=mask)
+    if BLOCK_REST > 0:  # partial rotary: the normalised dims past ROT_DIM are not rotated
+        wr = tl.load(w_ptr + c, mask=c < HEAD_DIM, other=0.0).to(tl.float32)[None, :]
+        yr = (xr * rstd).to(norm_ty).to(tl.float32) * wr
+        tl.store(o_head + c[None, :], yr.to(out_ty), mask=rmask)
+
+
+@register("rms_norm_rope", "triton", priority=PRIO, requires=REQ)
+def rms_norm_rope_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                         positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                         interleaved: bool) -> torch.Tensor:
+    t, h, d = x.shape
+    r = cos_sin_cache.shape[-1]
+    if r % 2 or r > d:
+        raise ValueError(f"rms_norm_rope: rotary dim {r} must be even and <= head dim {d}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if cos_sin_cache.stride(-1) != 1:
+        cos_sin_cache = cos_sin_cache.contiguous()
+    out = torch.empty((t, h, d), dtype=torch.promote_types(x.dtype, weight.dtype),
+                      device=x.device)
+    if out.numel() == 0:
+        return out
+    block_r2 = triton.next_power_of_2(max(r // 2, 1))
+    block_h = max(1, min(triton.next_power_of_2(h), TILE_ELEMS // (2 * block_r2)))
+    block_rest = triton.next_power_of_2(d - r) if d > r else 0
+    grid = (t, triton.cdiv(h, block_h))
+    _rms_norm_rope_kernel[grid](
+        x, weight.contiguous(), positions, cos_sin_cache, out,
+        h, x.stride(0), x.stride(1), cos_sin_cache.stride(0), eps,
         HEAD_DIM=d, ROT_DIM=r, INTERLEAVED=bool(interleaved),
         BLOCK_H=block_h, BLOCK_R2=block_r2, BLOCK_REST=block_rest,
         num_warps=NUM_WARPS, enable_fp_fusion=False,

@@ -137,3 +137,38 @@ def test_fp8_checkpoint_into_an_unquantized_program_is_refused(ckpts, tmp_path):
     prog = build("qwen3", config=deq, mesh=Mesh.build(1)).save(tmp_path / "plain.tsprog")
     with pytest.raises(ValueError, match=r"self_attn\.q_proj\.weight' is float8_e4m3fn"):
         RankProgram(prog, 0, weights=fp8)
+
+
+def test_build_quant_makes_a_preset_fp8():
+    """`tscompile build --quant fp8-block` (dummy-weight runs): every Linear but the LM head
+    stored FP8, so the bytes per rank fall to about half."""
+    plain = build("qwen3", preset="qwen3-0.6b", mesh=Mesh.build(1)).manifest
+    m = build("qwen3", preset="qwen3-0.6b", mesh=Mesh.build(1), quant="fp8-block").manifest
+    assert len(m["quantization"]["quantized_tensors"]) == 28 * 6   # q k v o gate_up down
+    assert m["tensors"]["layers.3.self_attn.q_proj.weight"]["stored"] == "float8_e4m3fn"
+    assert m["packed"] == {}                  # FP8 projections are not packed (yet)
+    body = lambda x: sum(v for k, v in x["param_bytes_per_rank"].items())  # noqa: E731
+    assert body(m) < 0.75 * body(plain)       # the tied 151936 x 1024 table stays bf16
+    with pytest.raises(ValueError, match="--quant 'int3' is not supported"):
+        build("qwen3", preset="qwen3-0.6b", mesh=Mesh.build(1), quant="int3")
+
+
+def test_quant_on_a_quantized_config_is_refused(ckpts):
+    _, fp8, _ = ckpts
+    with pytest.raises(ValueError, match="already quantized .*drop --quant"):
+        build("qwen3", config=fp8, mesh=Mesh.build(1), quant="fp8-block")
+
+
+def test_a_weight_the_model_reads_directly_is_refused():
+    """Qwen3-MoE's router reads `gate.weight` for its fp32 matmul: an FP8 router weight would
+    be used without its scales, so a config that quantizes it is refused, naming it."""
+    cfg = {"model_type": "qwen3_moe", "vocab_size": 256, "hidden_size": 256,
+           "intermediate_size": 256, "num_hidden_layers": 1, "num_attention_heads": 2,
+           "num_key_value_heads": 1, "head_dim": 128, "num_experts": 4,
+           "num_experts_per_tok": 2, "moe_intermediate_size": 128,
+           "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}
+    with pytest.raises(ValueError, match=r"FP8 weight layers\.0\.mlp\.gate\.weight is read "
+                                         r"directly .*keep 'layers\.0\.mlp\.gate' unquantized"):
+        build(None, config=cfg, mesh=Mesh.build(1))
+    cfg["quantization_config"]["modules_to_not_convert"] = ["mlp.gate"]
+    assert build(None, config=cfg, mesh=Mesh.build(1)).manifest["quantization"]

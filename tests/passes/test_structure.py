@@ -134,7 +134,8 @@ def test_symbolic_token_dims_and_dumps(tmp_path, monkeypatch):
     built = build("llama", preset="tiny", mesh=Mesh.build(2))
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["00_trace.txt", "01_propagate.txt", "02_insert_collectives.txt",
-                     "03_localize.txt", "04_fuse.txt", "05_verify.txt"]
+                     "03_localize.txt", "04_fuse.txt", "05_pack_linears.txt",
+                     "06_fuse_kernels.txt", "07_verify.txt"]
     prop = (tmp_path / "01_propagate.txt").read_text()
     assert "param layers.0.self_attn.q_proj.weight  # S(0)" in prop
     assert "<out layers.0.self_attn P>" in prop
@@ -144,8 +145,9 @@ def test_symbolic_token_dims_and_dumps(tmp_path, monkeypatch):
     assert nodes["embedding"].meta["val"].shape == (T, sympy.Integer(64))
     out = [n for n in built.stage.gm.graph.nodes if n.op == "output"][0].args[0]
     assert out.meta["val"].shape == (S, sympy.Integer(256))
-    # Localized shapes: q_proj's output is [T, 32] on each of 2 ranks (8 heads x 8 / 2).
-    assert nodes["linear"].meta["val"].shape == (T, sympy.Integer(32))
+    # Localized shapes: q_proj's output is [T, 32] on each of 2 ranks (8 heads x 8 / 2),
+    # the first narrow view of the packed Q/K/V projection (passes/pack_linears.py).
+    assert nodes["narrow"].meta["val"].shape == (T, sympy.Integer(32))
     assert [p["pass"] for p in built.manifest["passes"]] == [n[3:-4] for n in names]
 
 

@@ -1,4 +1,5 @@
-"""Triton rms_norm, fused_add_rms_norm, rope and silu_and_mul against their references.
+"""Triton rms_norm, fused_add_rms_norm, rope, rms_norm_rope and silu_and_mul against their
+references.
 
 On the CPU the kernels run in Triton's interpreter (tiny shapes, selected through
 TSCOMPILE_KERNELS since they rank below the reference there). Tolerances: fp32 1e-5
@@ -12,13 +13,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tscompile.kernels import REGISTRY, Query, fused_add_rms_norm, rms_norm, rope, silu_and_mul
+from tscompile.kernels import (
+    REGISTRY, Query, fused_add_rms_norm, rms_norm, rms_norm_rope, rope, silu_and_mul,
+)
 from tscompile.kernels.activation import silu_and_mul_reference
 from tscompile.kernels.norm import fused_add_rms_norm_reference, rms_norm_reference
-from tscompile.kernels.rope import rope_cos_sin_cache, rope_reference
+from tscompile.kernels.rope import rms_norm_rope_reference, rope_cos_sin_cache, rope_reference
 from tscompile.kernels.triton import norm as triton_norm
 
-OPS = ("rms_norm", "fused_add_rms_norm", "rope", "silu_and_mul")
+OPS = ("rms_norm", "fused_add_rms_norm", "rope", "rms_norm_rope", "silu_and_mul")
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
        torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -140,6 +143,41 @@ def test_rope_one_token():
     close(rope(x, pos, table, False), rope_reference(x, pos, table, False))
 
 
+# --- rms_norm_rope (QK-norm + RoPE in one launch) -----------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("heads,head_dim,rot_dim", [(3, 16, 16), (5, 16, 12), (33, 8, 8)])
+def test_rms_norm_rope(dtype, interleaved, heads, head_dim, rot_dim):
+    x = (3 * torch.randn(4, heads, head_dim)).to(dtype)
+    w = (1 + 0.3 * torch.randn(head_dim)).to(dtype)
+    pos = torch.tensor([0, 1, 37, 63])
+    table = rope_cos_sin_cache(rot_dim, 64, 10000.0)
+    got = rms_norm_rope(x, w, 1e-6, pos, table, interleaved)
+    close(got, rms_norm_rope_reference(x, w, 1e-6, pos, table, interleaved))
+    # The reference is the composition it replaces.
+    want = rope_reference(rms_norm_reference(x, w, 1e-6), pos, table, interleaved)
+    assert torch.equal(rms_norm_rope_reference(x, w, 1e-6, pos, table, interleaved), want)
+
+
+def test_rms_norm_rope_strided_slice_of_a_packed_projection():
+    """What pack_linears hands it: k = qkv[:, q_width : q_width + k_width].view(T, Hkv, D),
+    rows strided by the packed width, not copied first."""
+    t, hq, hkv, d = 3, 4, 2, 16
+    qkv = torch.randn(t, (hq + 2 * hkv) * d)
+    k = qkv[:, hq * d:(hq + hkv) * d].view(t, hkv, d)
+    assert not k.is_contiguous()
+    w, pos, table = torch.randn(d), torch.tensor([3, 9, 0]), rope_cos_sin_cache(d, 16, 1e6)
+    close(rms_norm_rope(k, w, 1e-6, pos, table, False),
+          rms_norm_rope_reference(k.contiguous(), w, 1e-6, pos, table, False))
+
+
+def test_rms_norm_rope_names_a_bad_weight():
+    x, table = torch.randn(2, 3, 8), rope_cos_sin_cache(8, 4, 1e4)
+    with pytest.raises(ValueError, match=r"rms_norm_rope: weight must be \[8\]"):
+        rms_norm_rope(x, torch.ones(4), 1e-6, torch.tensor([0, 1]), table, False)
+
+
 # --- silu_and_mul --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -203,6 +241,35 @@ def test_gpu_rope(dtype, t, heads, head_dim, rot_dim, interleaved):
     pos = torch.randint(0, 8192, (t,), device="cuda")
     table = rope_cos_sin_cache(rot_dim, 8192, 50000.0).cuda()
     _check_gpu(rope(x, pos, table, interleaved), rope_reference(x, pos, table, interleaved))
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("t,heads,head_dim", [(1, 32, 128), (1, 8, 128), (4096, 32, 128),
+                                              (7, 64, 64)])
+def test_gpu_rms_norm_rope(dtype, t, heads, head_dim):
+    x = (3 * torch.randn(t, heads, head_dim, device="cuda")).to(dtype)
+    w = (1 + 0.1 * torch.randn(head_dim, device="cuda")).to(dtype)
+    pos = torch.randint(0, 8192, (t,), device="cuda")
+    table = rope_cos_sin_cache(head_dim, 8192, 1e6).cuda()
+    got = rms_norm_rope(x, w, 1e-6, pos, table, False)
+    want = rms_norm_rope_reference(x, w, 1e-6, pos, table, False)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        return
+    # The norm's bf16 rounding may flip by one ulp where rstd's last bit differs (the
+    # rms_norm test's < 1% of elements); RoPE then rotates that flip into both outputs of
+    # the pair, so an output can be off by one ulp of the larger *input* of its pair (under
+    # cancellation that is many ulps of the output). Bound each element by exactly that.
+    y = rms_norm_reference(x, w, 1e-6).float()
+    half = head_dim // 2
+    mag = torch.maximum(y.abs(), torch.cat([y[..., half:], y[..., :half]], -1).abs())
+    ulp = lambda v: torch.finfo(dtype).eps * v.clamp_min(torch.finfo(dtype).tiny)  # noqa: E731
+    bound = 1.5 * ulp(mag) + ulp(want.float().abs())
+    diff = (got.float() - want.float()).abs()
+    assert (diff <= bound).all(), float((diff / bound).max())
+    assert (diff > 0).float().mean() < 0.02
 
 
 @pytest.mark.gpu
