@@ -9,10 +9,11 @@ each block's amax to 448 (scale_inv = amax / 448).
 
 Op: `tscompile::fp8_block_linear(x, weight, weight_scale_inv, bias, block) -> x @ W^T + bias`
 with x [..., K] -> [..., N] in x's dtype.
-Backends: `reference` only (dequantize W to x's dtype, then `F.linear`): the oracle and the CPU
-path. Not here yet: the GPU GEMM with per-token-group activation quantization (issue 19).
-Napkin math for the kernel to come: a decode GEMV reads N*K bytes of weight plus
-N*K/(bn*bk)*4 bytes of scales (0.02% at 128x128), half of bf16's 2*N*K.
+Backends: `reference` (dequantize W to x's dtype, then `F.linear`): the oracle and the CPU
+path; `triton` (kernels/triton/fp8.py, 128 x 128 blocks): W8A8 with per-token 1 x 128
+activation quantization when M > 16, a weight-only GEMV at decode.
+Napkin math: a decode GEMV reads N*K bytes of weight plus N*K/(bn*bk)*4 bytes of scales
+(0.02% at 128x128), half of bf16's 2*N*K.
 """
 from __future__ import annotations
 
