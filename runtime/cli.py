@@ -93,6 +93,17 @@ def parse(argv: list[str] | None = None) -> ServeConfig:
     p.add_argument("--profile-step-time", action="store_true",
                    help="profile the step-time model at start-up even without "
                         "--decode-floor-tps, so requests' x-decode-floor headers are honoured")
+    p.add_argument("--speculative", choices=("suffix", "ngram"), default=_E.speculative,
+                   help="speculative decoding with a model-free drafter: suffix (suffix "
+                        "automaton over the request, its session and recent outputs) or ngram "
+                        "(prompt lookup); requests with a grammar or penalties do not "
+                        "speculate (default: off)")
+    p.add_argument("--num-speculative-tokens", type=int, default=_E.num_speculative_tokens,
+                   metavar="K", help="draft tokens per verify step, at most (each request's "
+                                     "draft length adapts to its acceptance, down to 0)")
+    p.add_argument("--no-spec-adaptive", action="store_true",
+                   help="always draft K tokens when the drafter has them (no per-request "
+                        "adaptation)")
     p.add_argument("--threads-per-rank", type=int, help="CPU threads per rank process")
     p.add_argument("--shutdown-grace", type=float, default=_S.shutdown_grace_s,
                    help="seconds in-flight requests get to finish after SIGTERM (a second "
@@ -111,7 +122,9 @@ def parse(argv: list[str] | None = None) -> ServeConfig:
         kv_cache_dtype=a.kv_cache_dtype, enforce_eager=a.enforce_eager,
         max_graph_batch=a.max_graph_batch, graph_prefill_tokens=a.graph_prefill_buckets,
         decode_floor_tps=a.decode_floor_tps, step_time_model=a.step_time_model,
-        profile_step_time=a.profile_step_time)
+        profile_step_time=a.profile_step_time, speculative=a.speculative,
+        num_speculative_tokens=a.num_speculative_tokens,
+        spec_adaptive=not a.no_spec_adaptive)
     return ServeConfig(program=a.program, weights=a.weights, dummy_weights=a.dummy_weights,
                        seed=a.seed, tokenizer=a.tokenizer, device=a.device, dtype=a.dtype,
                        host=a.host, port=a.port, api_key=a.api_key,

@@ -150,16 +150,33 @@ class StepGraphs:
             Bucket(d, p) for d in (0,) + self.sizes for p in self.prefill_sizes]
         n = max(b.num_tokens for b in self.buckets)
         s = max(b.num_seqs for b in self.buckets)
-        dev = self.device
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.slot_mapping = torch.full((n,), scratch_block * page_size, dtype=torch.int64,
-                                       device=dev)
-        self.seq_lens = torch.ones(s, dtype=torch.int32, device=dev)
-        self.block_tables = torch.full((s, max_blocks), scratch_block, dtype=torch.int32,
-                                       device=dev)
-        self.query_start_loc = torch.arange(s + 1, dtype=torch.int32, device=dev)
-        self.logits_indices = torch.arange(s, dtype=torch.int64, device=dev)
+        # The static inputs are views of one device arena, mirrored by one host arena
+        # (pinned on a GPU) that `_fill` writes in place: a step's inputs go up in a few
+        # asynchronous copies instead of one pageable copy per buffer. Layout: int64
+        # [ids n | positions n | slots n | logits rows s], then int32 [seq_lens s |
+        # query_start_loc s+1 | block tables s x max_blocks] (a table's first rows are
+        # contiguous with the lengths, so one copy carries all three).
+        n64, n32 = 3 * n + s, 2 * s + 1 + s * max_blocks
+        size = n64 + (n32 + 1) // 2
+        arena = torch.zeros(size, dtype=torch.int64, device=self.device)
+        host = torch.zeros(size, dtype=torch.int64)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        self._arena, self._host, self._n, self._s, self._n64 = arena, host, n, s, n64
+        self._uploaded = torch.cuda.Event() if self.device.type == "cuda" else None
+        self._h64 = host.numpy()
+        self._h32 = self._h64[n64:].view(np.int32)
+        a32 = arena[n64:].view(torch.int32)
+        self.input_ids, self.positions = arena[:n], arena[n:2 * n]
+        self.slot_mapping, self.logits_indices = arena[2 * n:3 * n], arena[3 * n:n64]
+        self.seq_lens, self.query_start_loc = a32[:s], a32[s:2 * s + 1]
+        self.block_tables = a32[2 * s + 1:n32].view(s, max_blocks)
+        self._h64[2 * n:3 * n] = scratch_block * page_size
+        self._h64[3 * n:n64] = np.arange(s)
+        self._h32[:s] = 1
+        self._h32[s:2 * s + 1] = np.arange(s + 1)
+        self._h32[2 * s + 1:n32] = scratch_block
+        arena.copy_(host)
         self.logits: torch.Tensor | None = None       # [s, V]: every bucket's output rows
         self.graphs: dict[Bucket, torch.cuda.CUDAGraph] = {}
         self.replays = 0
@@ -228,7 +245,11 @@ class StepGraphs:
 
     def _fill(self, b: Bucket, step: StepInputs) -> np.ndarray:
         """Write `step`, padded to bucket b, into the static buffers; returns the bucket
-        rows of the step's logits (the sequences it samples, in order)."""
+        rows of the step's logits (the sequences it samples, in order).
+        The host arena is reused each step, once the previous step's uploads are done
+        (an event; in serving they are, since the engine waits for the sampled ids)."""
+        if self._uploaded is not None:
+            self._uploaded.synchronize()
         m = step.meta
         nd, n = m.num_decodes, m.num_seqs
         ps, scratch = self.page_size, self.scratch
@@ -238,48 +259,54 @@ class StepGraphs:
         lidx = m.logits_indices.cpu().numpy()
         t_real, s, t = ids.shape[0], b.num_seqs, b.num_tokens
         d, chunks = b.decodes, n - nd
+        tc = t_real - nd                                   # the chunks' tokens
+        pad_chunk = t - d - tc
+        N, S, h64, h32 = self._n, self._s, self._h64, self._h32
         # Tokens: decodes, decode padding, the chunks, the padding chunk.
-        tok_src = np.concatenate([np.arange(nd), np.full(d - nd, -1), np.arange(nd, t_real),
-                                  np.full(t - d - (t_real - nd), -1)]).astype(np.int64)
-        real, src = tok_src >= 0, np.maximum(tok_src, 0)
-        pad_chunk = t - d - (t_real - nd)
-
-        def take(a: np.ndarray, fill: int) -> np.ndarray:   # (an idle step has no tokens)
-            return np.where(real, a[src], fill) if a.size else np.full(t, fill, np.int64)
-        b_ids, b_pos, b_slots = take(ids, 0), take(pos, 0), take(slots, scratch * ps)
+        for off, src, fill in ((0, ids, 0), (N, pos, 0), (2 * N, slots, scratch * ps)):
+            h = h64[off:off + t]
+            h[:nd] = src[:nd]
+            h[nd:d] = fill
+            h[d:d + tc] = src[nd:]
+            h[d + tc:] = fill
         if pad_chunk:
-            b_pos[t - pad_chunk:] = np.arange(pad_chunk)
-            b_slots[t - pad_chunk:] = scratch * ps + np.arange(pad_chunk) % ps
-        # Sequences: query lengths, context lengths, block tables.
-        q = np.diff(qsl)
-        b_q = np.zeros(s, np.int64)
-        b_lens = np.zeros(s, np.int32)
-        b_q[:nd], b_lens[:nd] = 1, lens[:nd]
-        b_q[nd:d], b_lens[nd:d] = 1, 1                      # padding decodes
-        b_q[d:d + chunks], b_lens[d:d + chunks] = q[nd:], lens[nd:]
+            h64[N + t - pad_chunk:N + t] = np.arange(pad_chunk)
+            h64[2 * N + t - pad_chunk:2 * N + t] = scratch * ps + np.arange(pad_chunk) % ps
+        # Sequences: context lengths, query start offsets, block tables.
+        b_lens, b_qsl = h32[:s], h32[S:S + s + 1]
+        b_lens[:nd] = lens[:nd]
+        b_lens[nd:d] = 1                                   # padding decodes
+        b_lens[d:d + chunks] = lens[nd:]
+        b_lens[d + chunks:] = 0
+        b_qsl[0] = 0
+        b_qsl[1:d + 1] = np.arange(1, d + 1)               # decodes and padding: 1 each
+        b_qsl[d + 1:d + chunks + 1] = d + qsl[nd + 1:] - qsl[nd]
+        b_qsl[d + chunks + 1:] = d + tc
         if pad_chunk:
-            b_q[d + chunks], b_lens[d + chunks] = pad_chunk, pad_chunk
-        b_qsl = np.zeros(s + 1, np.int32)
-        np.cumsum(b_q, out=b_qsl[1:])
+            b_lens[d + chunks] = pad_chunk
+            b_qsl[d + chunks + 1:] += pad_chunk
         mb = tables.shape[1]
-        rows = np.concatenate([np.arange(nd), np.arange(nd, n) - nd + d]).astype(np.int64)
         width = max(mb, -(-pad_chunk // ps), 1)
-        b_tables = np.full((s, width), scratch, np.int32)
-        b_tables[rows, :mb] = tables
+        tab = h32[2 * S + 1:2 * S + 1 + S * self.max_blocks].reshape(S, self.max_blocks)
+        tab[:s, :width] = scratch
+        tab[:nd, :mb] = tables[:nd]
+        tab[d:d + chunks, :mb] = tables[nd:]
         # The step's logits rows: sequence of each index (its last token), as a bucket row.
         last = qsl[1:] - 1
         seq_of = np.searchsorted(last, lidx)
         if lidx.size and ((seq_of >= n).any() or (last[np.minimum(seq_of, n - 1)] != lidx).any()):
             raise ValueError("StepGraphs: logits_indices must be last tokens of sequences")
-        b_lidx = np.maximum(b_qsl[1:].astype(np.int64) - 1, 0)
-        t64 = torch.from_numpy
-        self.input_ids[:t].copy_(t64(b_ids))
-        self.positions[:t].copy_(t64(b_pos))
-        self.slot_mapping[:t].copy_(t64(b_slots))
-        self.seq_lens[:s].copy_(t64(b_lens))
-        self.query_start_loc[: s + 1].copy_(t64(b_qsl))
-        self.block_tables[:s, :width].copy_(t64(b_tables))
-        self.logits_indices[:s].copy_(t64(b_lidx))
+        h64[3 * N:3 * N + s] = np.maximum(b_qsl[1:].astype(np.int64) - 1, 0)
+        rows = np.concatenate([np.arange(nd), np.arange(nd, n) - nd + d]).astype(np.int64)
+        a, hs = self._arena, self._host
+        nb = self.device.type == "cuda"
+        for off, k in ((0, t), (N, t), (2 * N, t), (3 * N, s)):
+            a[off:off + k].copy_(hs[off:off + k], non_blocking=nb)
+        k32 = 2 * S + 1 + s * self.max_blocks             # lengths, offsets, tables[:s]
+        lo = self._n64
+        a[lo:lo + (k32 + 1) // 2].copy_(hs[lo:lo + (k32 + 1) // 2], non_blocking=nb)
+        if self._uploaded is not None:
+            self._uploaded.record()
         return rows[seq_of]
 
     def __call__(self, step: StepInputs, b: Bucket | None = None) -> torch.Tensor:

@@ -10,6 +10,23 @@ A request with a grammar (`SamplingParams.grammar`) gets a matcher from the engi
 so is its state); the sampler masks its rows with it, and each sampled token advances it
 here. A grammar that has finished (accepted EOS) ends the request as "stop"; a token it
 refuses (a bug, not a request error) ends that request with an error naming the grammar.
+
+Speculative decoding (`--speculative suffix|ngram`, model-free drafters of runtime/spec):
+before each plan, every decoding request that speculates proposes up to K draft tokens
+(K per request from `AdaptiveDraftLength`, down to 0), handed to the scheduler, which makes
+its decode a verify row (q_len 1 + k, after the plain decodes: the chunk path of the
+attention over its cached prefix) and returns logits for all 1 + k positions. Position i is
+drawn exactly as the plain step at output index len(outputs) + i would draw it (same seed,
+same counter), and the engine accepts the longest prefix of drafts equal to the draws, plus
+the draw after it (the bonus token). Greedy: the longest prefix equal to the argmax. With
+temperature > 0 this is exact rejection sampling for a deterministic draft d: the
+exponential race picks d with probability p(d) (accept), and given it did not pick d its
+winner is distributed as p restricted to x != d and renormalised (the residual); so the
+text is the target's distribution, and with a seed the very text the request gets without
+speculation. The scheduler takes the accepted tokens plus the bonus, checks stop ids,
+max_tokens and the context limit token by token, and rolls the sequence back to what it
+kept (rejected drafts' blocks return to the pool). Requests with a grammar or penalties do
+not speculate (their later positions depend on the earlier ones' tokens).
 What it is not: the API (tokenization, stop strings, streaming: runtime/server/) or the
 process launch (runtime/serve.py). Requests are `protocol.AddRequest`; every result is a
 `protocol.RequestOutput`, and a request the engine cannot take gets an error output,
@@ -33,7 +50,10 @@ from tscompile.runtime.grammar import GrammarCompiler, GrammarMatcher
 from tscompile.runtime.kv_cache import bind_rank, kv_blocks
 from tscompile.runtime.program import RankProgram
 from tscompile.runtime.protocol import AddRequest, EngineStats, RequestOutput, SamplingParams
-from tscompile.runtime.sampler import BatchSampler, SampleResult
+from tscompile.runtime.sampler import BatchSampler, SampleResult, _uses_penalty
+from tscompile.runtime.spec import (
+    AdaptiveDraftLength, LinearStepCost, NgramDrafter, SuffixDrafter, SuffixRequest,
+)
 from tscompile.runtime.step_io import StepInputs, broadcast_step
 from tscompile.runtime.step_model import StepTimeModel, profile
 
@@ -69,6 +89,10 @@ class EngineConfig:
                                          # (None: profiled at start-up when a floor can apply)
     profile_step_time: bool = False      # profile a model even with no default floor (so
                                          # per-request floors are honoured)
+    speculative: str | None = None       # model-free drafting: "suffix" or "ngram" (None: off)
+    num_speculative_tokens: int = 4      # K: draft tokens per verify row, at most
+    spec_adaptive: bool = True           # per-request K from its running acceptance (down
+                                         # to 0); False: always K while the drafter proposes
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size"):
@@ -102,6 +126,12 @@ class EngineConfig:
         if cap is not None and not 1 <= cap <= self.max_num_batched_tokens:
             raise ValueError(f"--max-tokens-with-decodes must be in [1, --max-num-batched-tokens"
                              f" = {self.max_num_batched_tokens}], got {cap}")
+        if self.speculative is not None and self.speculative not in SPEC_METHODS:
+            raise ValueError(f"--speculative must be one of {', '.join(SPEC_METHODS)}, "
+                             f"got {self.speculative!r}")
+        if not 1 <= self.num_speculative_tokens <= 64:
+            raise ValueError(f"--num-speculative-tokens must be in [1, 64], "
+                             f"got {self.num_speculative_tokens}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"--kv-cache-dtype must be one of {sorted(KV_CACHE_DTYPES)}, "
                              f"got {self.kv_cache_dtype!r}")
@@ -123,6 +153,7 @@ class EngineConfig:
 
 
 KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {"auto": None, "fp8": torch.float8_e4m3fn}
+SPEC_METHODS = ("suffix", "ngram")
 
 
 class RankFailure(RuntimeError):
@@ -147,6 +178,12 @@ class _Live:
     seed: int | None = None
     cached: int | None = None        # prefix-hit tokens at first admission
     grammar: GrammarMatcher | None = None   # params.grammar's matcher, for the request's life
+    drafter: SuffixRequest | NgramDrafter | None = None   # None: this request does not speculate
+    policy: AdaptiveDraftLength | None = None
+    shadow: list[int] | None = None  # K = 0: a free probe draft scored against the next token
+    spec_rows: int = 0               # verify rows, draft tokens they carried, drafts accepted
+    spec_drafted: int = 0
+    spec_accepted: int = 0
 
 
 class Engine:
@@ -190,6 +227,8 @@ class Engine:
             prefill_buckets=list(self.graphs.prefill_sizes) if self.graphs else [])
         self.block_table = self.sched.block_table
         self.sampler = BatchSampler(cfg.max_num_seqs, vocab_size, self.device)
+        self.suffix = SuffixDrafter() if cfg.speculative == "suffix" else None
+        self.spec_cost = _spec_cost(self.step_model)
         self.live: dict[int, _Live] = {}     # scheduler key -> request
         self.keys: dict[str, int] = {}       # API request id -> scheduler key
         self._next_key = 0
@@ -254,7 +293,18 @@ class Engine:
         self.sched.add_request(key, np.asarray(req.prompt_ids, np.int32), p.max_tokens,
                                list(stop), req.session_id or "", req.arrival,
                                req.decode_floor_tps)
-        self.live[key] = _Live(req.rid, p, tuple(req.prompt_ids), grammar=matcher)
+        live = self.live[key] = _Live(req.rid, p, tuple(req.prompt_ids), grammar=matcher)
+        if self.cfg.speculative is not None:
+            if p.grammar is not None or _uses_penalty(p):
+                log.debug("request %s: no speculation (%s)", req.rid,
+                          "grammar" if p.grammar is not None else "penalties")
+            else:
+                if self.suffix is not None:
+                    live.drafter = self.suffix.start(key, list(req.prompt_ids), req.session_id)
+                else:
+                    live.drafter = NgramDrafter(list(req.prompt_ids))
+                live.policy = AdaptiveDraftLength(self.spec_cost,
+                                                  k_max=self.cfg.num_speculative_tokens)
         self.keys[req.rid] = key
         return None
 
@@ -281,8 +331,14 @@ class Engine:
         del self.keys[r.rid]
         if r.slot is not None:
             self.sampler.release(r.slot)
+        if isinstance(r.drafter, SuffixRequest):
+            self.suffix.finish(r.drafter)       # the output joins its session's index
+        if r.spec_rows:
+            log.debug("request %s: %d verify steps, %d/%d drafts accepted (%.2f per step)",
+                      r.rid, r.spec_rows, r.spec_accepted, r.spec_drafted,
+                      r.spec_accepted / r.spec_rows)
         return RequestOutput(r.rid, finish_reason=reason, prompt_tokens=len(r.prompt),
-                             cached_tokens=r.cached or 0, error=error)
+                             cached_tokens=r.cached or 0, error=error, **_spec_fields(r))
 
     @property
     def has_work(self) -> bool:
@@ -296,7 +352,10 @@ class Engine:
                            prompt_tokens=s["prompt_tokens"],
                            generation_tokens=s["generated_tokens"],
                            preemptions=s["preemptions"], steps=self.steps_run,
-                           eager_steps=self.eager_steps)
+                           eager_steps=self.eager_steps,
+                           spec_verify_steps=s["spec_verify_rows"],
+                           spec_draft_tokens=s["spec_draft_tokens"],
+                           spec_accepted_tokens=s["spec_accepted_tokens"])
 
     @property
     def eager_steps(self) -> int:
@@ -309,6 +368,8 @@ class Engine:
     @torch.no_grad()
     def step(self) -> list[RequestOutput]:
         """Plan, run the forward, sample, and hand the tokens back to the scheduler."""
+        if self.cfg.speculative is not None:
+            self._set_drafts()
         plan = self.sched.plan(time.monotonic())
         self._apply_admissions(plan)
         if not self.sched.plan_pending:
@@ -317,7 +378,7 @@ class Engine:
             keys, result = self._forward_and_sample(plan)
         except Exception as e:       # fail this step's requests, not the engine
             return self._fail_step(e)
-        return self._commit(keys, result)
+        return self._commit(plan, keys, result)
 
     def _apply_admissions(self, plan: dict) -> None:
         """Sampler rows follow the plan's lifecycle changes: preempted requests give theirs
@@ -335,31 +396,99 @@ class Engine:
             r.seed = self.sampler.admit(slot, r.params, r.prompt, r.outputs, seed=r.seed,
                                         grammar=r.grammar)
 
+    def _set_drafts(self) -> None:
+        """Each speculating request that holds KV and has sampled proposes its next draft
+        (the scheduler ignores drafts of requests that are not decoding at plan time)."""
+        ids, lens, toks = [], [], []
+        for key, r in self.live.items():
+            if r.drafter is None or r.slot is None or not r.outputs:
+                continue
+            k = r.policy.choose() if self.cfg.spec_adaptive else self.cfg.num_speculative_tokens
+            if k == 0:                  # no verify: a free probe keeps the estimate moving
+                r.shadow = r.drafter.propose(r.policy.probe_k) or None
+                continue
+            r.shadow = None
+            draft = r.drafter.propose(k)
+            if draft:
+                ids.append(key)
+                lens.append(len(draft))
+                toks += draft
+        if ids:
+            self.sched.set_drafts(np.asarray(ids, np.uint64), np.asarray(lens, np.int32),
+                                  np.asarray(toks, np.int32))
+
     def _forward_and_sample(self, plan: dict) -> tuple[list[int], SampleResult]:
         inputs = StepInputs.from_plan(plan, self.block_table, self.cfg.page_size)
         broadcast_step(inputs)
         self.steps_run += 1
-        logits = run_step(self.program, self.graphs, inputs, self.device)
+        logits = forward_step(self.program, self.graphs, inputs, self.device)
         rows = plan["sample"] == 1
         keys = plan["req_ids"][rows].tolist()
-        slots = torch.from_numpy(plan["slots"][rows].astype(np.int64))
-        steps = torch.tensor([len(self.live[k].outputs) for k in keys], dtype=torch.int64)
-        return keys, self.sampler.sample(logits, slots, steps)
+        slots = plan["slots"][rows].astype(np.int64)
+        steps = np.array([len(self.live[k].outputs) for k in keys], dtype=np.int64)
+        spec = plan["spec_lens"][rows].astype(np.int64)
+        if not spec.any():
+            return keys, self.sampler.sample(logits, torch.from_numpy(slots),
+                                             torch.from_numpy(steps))
+        # Verify rows: one sampler row per position, each at its own output index.
+        n = spec + 1
+        first = np.repeat(np.cumsum(n) - n, n)
+        offsets = np.repeat(steps, n) + np.arange(int(n.sum())) - first
+        return keys, self.sampler.sample(logits, torch.from_numpy(np.repeat(slots, n)),
+                                         torch.from_numpy(offsets), repeats=True)
 
-    def _commit(self, keys: list[int], result: SampleResult) -> list[RequestOutput]:
-        """The sampled tokens to the scheduler (which decides stop and length finishes) and
-        to the requests' grammars, then one output per sampled request still live."""
-        tokens = result.token_ids.cpu().numpy().astype(np.int32)
+    def _verify(self, plan: dict, draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per sample row: the tokens it emits (accepted drafts, then the bonus draw), flat,
+        and how many. A plain row emits its one draw."""
+        rows = plan["sample"] == 1
+        spec = plan["spec_lens"][rows].astype(np.int64)
+        if not spec.any():
+            return draws, np.ones(len(draws), np.int32)
+        qsl = np.zeros(len(plan["query_lens"]) + 1, np.int64)
+        np.cumsum(plan["query_lens"], out=qsl[1:])
+        starts = qsl[:-1][rows]
+        ids = plan["input_ids"]
+        out, counts, off = [], np.empty(len(spec), np.int32), 0
+        for j, k in enumerate(spec.tolist()):
+            d = draws[off:off + k + 1]
+            a = accepted_length(d, ids[starts[j] + 1:starts[j] + 1 + k]) if k else 0
+            out.append(d[:a + 1])
+            counts[j] = a + 1
+            off += k + 1
+        return np.concatenate(out).astype(np.int32), counts
+
+    def _commit(self, plan: dict, keys: list[int], result: SampleResult
+                ) -> list[RequestOutput]:
+        """The emitted tokens to the scheduler (which decides stop and length finishes, token
+        by token, and rolls verify rows back to what they kept) and to the requests'
+        grammars and drafters, then one output per sampled request still live."""
+        draws = result.token_ids.cpu().numpy().astype(np.int32)
+        tokens, counts = self._verify(plan, draws)
         now = time.monotonic()
-        codes = self.sched.update(tokens, now)
-        lps = result.token_logprobs() if result.logprobs is not None else [None] * len(keys)
-        outs = []
-        for key, tok, code, lp in zip(keys, tokens.tolist(), codes.tolist(), lps):
+        codes, kept = self.sched.update_verified(tokens, counts, now)
+        lps = result.token_logprobs() if result.logprobs is not None else None
+        spec = plan["spec_lens"][plan["sample"] == 1].tolist()
+        outs, off, row = [], 0, 0       # off: into tokens; row: into the sampler's rows
+        for j, key in enumerate(keys):
+            c, k, n = int(counts[j]), spec[j], int(kept[j])
+            toks = tokens[off:off + n].tolist()
+            lp = [x for x in lps[row:row + n]] if lps is not None else []
+            off += c
+            row += k + 1
             r = self.live.get(key)
             if r is None:            # aborted while the step ran
                 continue
-            reason = FINISH_NAMES.get(code)
-            if r.grammar is not None:
+            reason = FINISH_NAMES.get(int(codes[j]))
+            if k:
+                r.spec_rows += 1
+                r.spec_drafted += k
+                r.spec_accepted += min(c - 1, n)
+                r.policy.update(k, c - 1)
+            elif r.shadow is not None and toks:
+                r.policy.update(1, int(r.shadow[0] == toks[0]))
+                r.shadow = None
+            if r.grammar is not None:       # grammar requests never speculate: one token
+                tok = toks[0]
                 if not r.grammar.accept(tok):
                     if reason is None:
                         self.sched.abort(key, FINISH_ERROR, now)
@@ -370,10 +499,14 @@ class Engine:
                 if reason is None and r.grammar.terminated:   # EOS that is not a stop id
                     self.sched.abort(key, FINISH_STOP, now)
                     reason = "stop"
-            r.outputs.append(tok)
-            outs.append(RequestOutput(r.rid, (tok,), (lp,) if lp is not None else (),
+            r.outputs += toks
+            if r.drafter is not None:
+                r.drafter.extend(toks)
+            outs.append(RequestOutput(r.rid, tuple(toks),
+                                      tuple(x for x in lp if x is not None),
                                       finish_reason=reason, prompt_tokens=len(r.prompt),
-                                      cached_tokens=r.cached or 0))
+                                      cached_tokens=r.cached or 0,
+                                      **(_spec_fields(r) if reason is not None else {})))
             if reason is not None:
                 self._forget(key, reason)
         return outs
@@ -390,3 +523,46 @@ class Engine:
         if self.world > 1:
             raise RankFailure(f"a step failed on rank 0 of {self.world}: {message}", outs) from e
         return outs
+
+
+def accepted_length(draws: np.ndarray, drafts: np.ndarray) -> int:
+    """How many drafts a verify row accepts: the longest prefix of `drafts` equal to the
+    row's draws at their positions (`draws` has one more entry, the bonus position)."""
+    k = len(drafts)
+    miss = np.flatnonzero(np.asarray(draws[:k]) != np.asarray(drafts))
+    return int(miss[0]) if miss.size else k
+
+
+def _spec_fields(r: _Live) -> dict:
+    return {"spec_verify_steps": r.spec_rows, "spec_draft_tokens": r.spec_drafted,
+            "spec_accepted_tokens": r.spec_accepted}
+
+
+def _spec_cost(model: StepTimeModel | None) -> LinearStepCost:
+    """A verify step's cost in plain decode steps: from the step-time model when there is
+    one (each draft token priced as a prefill token against a one-decode step), else the
+    policy's default (a memory-bound GPU decode, where K extra query rows are nearly free)."""
+    if model is None or model.base + model.per_decode <= 0:
+        return LinearStepCost()
+    return LinearStepCost(1.0, model.per_prefill_token / (model.base + model.per_decode))
+
+
+def forward_step(forward, graphs, step: StepInputs, device: torch.device) -> torch.Tensor:
+    """`run_step`, except that a step with verify rows (logits of positions that are not a
+    sequence's last token) runs eagerly: the step graphs return one row per sequence. The
+    follower ranks call this too, so every rank takes the same path."""
+    if graphs is not None and _has_verify_rows(step.meta):
+        graphs.eager_steps += 1
+        step = step.to(device)
+        return forward(step.input_ids, step.positions, step.meta)
+    return run_step(forward, graphs, step, device)
+
+
+def _has_verify_rows(meta) -> bool:
+    """Whether some logits row is not the last token of its sequence (host tensors: a few
+    us in numpy; torch.isin cost ~70 us of host time per step)."""
+    if not meta.logits_indices.numel():
+        return False
+    ends = meta.query_start_loc[1:].cpu().numpy().astype(np.int64) - 1
+    idx = meta.logits_indices.cpu().numpy()
+    return bool((ends[np.minimum(np.searchsorted(ends, idx), len(ends) - 1)] != idx).any())

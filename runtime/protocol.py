@@ -152,6 +152,12 @@ class RequestOutput:
     prompt_tokens: int = 0
     cached_tokens: int = 0           # prompt tokens served from the prefix cache
     error: str | None = None
+    # Speculative decoding, on the last message of a request that speculated: its verify
+    # steps, the draft tokens they carried and the drafts accepted (acceptance rate =
+    # accepted / draft; mean accepted length per verify step = accepted / verify steps).
+    spec_verify_steps: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +172,9 @@ class EngineStats:
     preemptions: int                 # cumulative
     steps: int = 0                   # cumulative forward steps
     eager_steps: int = 0             # cumulative: steps no CUDA graph replayed
+    spec_verify_steps: int = 0       # cumulative: speculative verify rows
+    spec_draft_tokens: int = 0       # cumulative: draft tokens those rows carried
+    spec_accepted_tokens: int = 0    # cumulative: drafts accepted (and kept)
 
 
 @dataclass(frozen=True, slots=True)

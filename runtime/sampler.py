@@ -284,7 +284,7 @@ class BatchSampler:
     # ------------------------------------------------------------------ the step
 
     def _check_step(self, logits: torch.Tensor, slots: torch.Tensor,
-                    step_index: torch.Tensor) -> None:
+                    step_index: torch.Tensor, repeats: bool = False) -> None:
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
             got = (list(logits.shape) if isinstance(logits, torch.Tensor)
                    else type(logits).__name__)
@@ -308,8 +308,15 @@ class BatchSampler:
             if not bool(self._active_cpu[slots.long()].all()):
                 idle = [x for x in slots.tolist() if not self._active_cpu[x]]
                 raise ValueError(f"slots not admitted: {idle}")
-            if torch.unique(slots).numel() != s:
+            if not repeats and torch.unique(slots).numel() != s:
                 raise ValueError(f"slots repeat within a step: {slots.tolist()}")
+            if repeats and (self._penalised or self._grammar):
+                dup = sorted(x for x, c in Counter(slots.tolist()).items()
+                             if c > 1 and (x in self._penalised or x in self._grammar))
+                if dup:
+                    raise ValueError(f"slots {dup} have penalties or a grammar, which depend "
+                                     f"on the tokens before each row: they cannot have "
+                                     f"several rows in a step (no speculation)")
 
     def apply_logit_bias(self, logits: torch.Tensor, host_slots: list[int] | None
                          ) -> torch.Tensor:
@@ -384,10 +391,17 @@ class BatchSampler:
         self._seen[slots, token_ids] = True
 
     def sample(self, logits: torch.Tensor, slots: torch.Tensor,
-               step_index: torch.Tensor) -> SampleResult:
+               step_index: torch.Tensor, *, repeats: bool = False) -> SampleResult:
         """Draw one token per row: row i uses `slots[i]`'s request state and
-        `step_index[i]` (tokens that request generated so far) as the random counter."""
-        self._check_step(logits, slots, step_index)
+        `step_index[i]` (tokens that request generated so far) as the random counter.
+
+        `repeats=True`: a slot may own several rows (a speculative verify row's 1 + k
+        positions, step_index counting up): each row is drawn exactly as that request's
+        plain step at that output index would draw it, so accepting the drafts that equal
+        the draws is exact rejection sampling for deterministic drafts (the engine's
+        docstring says why). Not for slots with penalties or a grammar (their later rows
+        would need the earlier rows' tokens applied first); checked with CPU slots."""
+        self._check_step(logits, slots, step_index, repeats)
         dev = logits.device
         if dev != self.device:
             raise ValueError(f"logits are on {dev}, the sampler's state on {self.device}")
@@ -396,15 +410,18 @@ class BatchSampler:
         # filters, softmax and noise it computes for the whole [S, V] otherwise.
         greedy = slots.device.type == "cpu" and bool(self._greedy_cpu[slots.long()].all())
         host_slots = slots.tolist() if self._bias or self._grammar else None
-        slots = slots.to(dev, torch.int64, non_blocking=True)
-        offsets = step_index.to(dev, torch.int64, non_blocking=True)
-
         x = self.apply_logit_bias(logits, host_slots if self._bias else None)
         x = self.apply_grammar(x, logits, host_slots if self._grammar else None)
+        if greedy and self._counts is None and not self._top_counts:
+            # The common decode step: nothing per slot is read on the device, so no slot or
+            # counter upload (each a synchronous copy from pageable memory).
+            return SampleResult(x.argmax(dim=-1))
+        slots = slots.to(dev, torch.int64, non_blocking=True)
         x = self.apply_penalties(x, slots)
         if greedy:
             token_ids = x.argmax(dim=-1)
         else:
+            offsets = step_index.to(dev, torch.int64, non_blocking=True)
             f = self._float_params[slots]
             i = self._int_params[slots]
             token_ids = _SAMPLE(x, f[:, _TEMP], i[:, _TOP_K], f[:, _TOP_P], f[:, _MIN_P],

@@ -27,8 +27,7 @@ import torch.multiprocessing as mp
 
 from tscompile.kernels import REGISTRY
 from tscompile.runtime.distributed import free_port
-from tscompile.runtime.cuda_graphs import run_step
-from tscompile.runtime.engine import Engine, EngineConfig, RankFailure
+from tscompile.runtime.engine import Engine, EngineConfig, RankFailure, forward_step
 from tscompile.runtime.kv_cache import bind_rank, kv_blocks
 from tscompile.runtime.program import RankProgram
 from tscompile.runtime.protocol import (
@@ -120,7 +119,7 @@ def _rank_main(rank: int, world: int, port: int, cfg: ServeConfig, eos: tuple[in
             _engine_loop(engine, requests, outputs, parent)
         else:
             graphs = bind_rank(program, cfg.engine, num_blocks, max_len, dtype, device)
-            follow_steps(lambda step: run_step(program, graphs, step, device))
+            follow_steps(lambda step: forward_step(program, graphs, step, device))
     except RankFailure:
         # The other ranks may be blocked in the failed step's collectives, so neither the
         # STOP broadcast nor destroy_process_group() could complete: flush the error

@@ -51,7 +51,16 @@ class StepInputs:
         seq_lens = plan["seq_lens"].astype(np.int32)
         max_blocks = int(-(-seq_lens.max() // page_size))
         tables = block_table[plan["slots"], :max_blocks]           # a gather: a copy
-        logits_indices = (qsl[1:] - 1)[plan["sample"] == 1].astype(np.int64)
+        rows = plan["sample"] == 1
+        spec = plan.get("spec_lens")
+        if spec is None or not spec.any():
+            logits_indices = (qsl[1:] - 1)[rows].astype(np.int64)
+        else:       # a verify row samples all of its 1 + k positions, in order
+            k = spec[rows].astype(np.int64)
+            last = (qsl[1:] - 1)[rows].astype(np.int64)
+            n = k + 1
+            start = np.repeat(last - k - np.cumsum(n) + n, n)
+            logits_indices = start + np.arange(int(n.sum()), dtype=np.int64)
         t = torch.from_numpy
         meta = AttentionMetadata(t(qsl), t(seq_lens), t(np.ascontiguousarray(tables)),
                                  t(plan["slot_mapping"]), t(logits_indices),

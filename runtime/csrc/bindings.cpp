@@ -39,8 +39,11 @@ py::dict plan_dict(const tsc::StepPlan& p) {
   d["query_lens"] = to_numpy(p.query_lens);
   d["seq_lens"] = to_numpy(p.seq_lens);
   d["sample"] = to_numpy(p.sample);
+  d["spec_lens"] = to_numpy(p.spec_lens);
   d["num_decodes"] = p.num_decodes;
+  d["num_verify"] = p.num_verify;
   d["num_sample"] = p.num_sample;
+  d["num_logits"] = p.num_logits;
   d["input_ids"] = to_numpy(p.input_ids);
   d["positions"] = to_numpy(p.positions);
   d["slot_mapping"] = to_numpy(p.slot_mapping);
@@ -156,6 +159,33 @@ PYBIND11_MODULE(_scheduler, m) {
              return out;
            },
            py::arg("tokens"), py::arg("now") = 0.0)
+      .def("set_drafts",
+           [](Scheduler& s, py::array_t<uint64_t, py::array::c_style | py::array::forcecast> ids,
+              py::array_t<int32_t, py::array::c_style | py::array::forcecast> lens,
+              py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens) {
+             if (ids.size() != lens.size()) {
+               throw std::invalid_argument("set_drafts(): ids and lens differ in length");
+             }
+             s.set_drafts(ids.data(), lens.data(), static_cast<size_t>(ids.size()),
+                          tokens.data(), static_cast<size_t>(tokens.size()));
+           },
+           py::arg("ids"), py::arg("lens"), py::arg("tokens"),
+           "Draft tokens for the next plan: request ids[i] gets the next lens[i] tokens.")
+      .def("update_verified",
+           [](Scheduler& s, py::array_t<int32_t, py::array::c_style | py::array::forcecast>
+                                tokens,
+              py::array_t<int32_t, py::array::c_style | py::array::forcecast> counts,
+              double now) {
+             std::vector<int32_t> kept;
+             auto codes = s.update(tokens.data(), static_cast<size_t>(tokens.size()), now,
+                                   counts.data(), static_cast<size_t>(counts.size()), &kept);
+             py::array_t<int8_t> out(static_cast<py::ssize_t>(codes.size()));
+             if (!codes.empty()) std::copy(codes.begin(), codes.end(), out.mutable_data());
+             return py::make_tuple(out, to_numpy(kept));
+           },
+           py::arg("tokens"), py::arg("counts"), py::arg("now") = 0.0,
+           "update() for plans with verify rows: counts[j] tokens for sample row j (accepted "
+           "drafts, then the bonus token); returns (finish codes, tokens kept per row).")
       .def("fail_pending",
            [](Scheduler& s, double now) { return to_numpy(s.fail_pending(now)); },
            py::arg("now") = 0.0)
@@ -184,6 +214,9 @@ PYBIND11_MODULE(_scheduler, m) {
         d["generated_tokens"] = t.generated_tokens;
         d["preemptions"] = t.preemptions;
         d["evictions"] = t.evictions;
+        d["spec_verify_rows"] = t.spec_verify_rows;
+        d["spec_draft_tokens"] = t.spec_draft_tokens;
+        d["spec_accepted_tokens"] = t.spec_accepted_tokens;
         return d;
       });
 }

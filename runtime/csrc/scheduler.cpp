@@ -22,10 +22,11 @@ Kv* Request::kv() {
 
 void StepPlan::clear() {
   req_ids.clear(); slots.clear(); query_lens.clear(); seq_lens.clear(); sample.clear();
+  spec_lens.clear();
   input_ids.clear(); positions.clear(); slot_mapping.clear();
   admitted_ids.clear(); admitted_slots.clear(); admitted_cached.clear();
   preempted_ids.clear();
-  num_decodes = num_sample = 0;
+  num_decodes = num_verify = num_sample = num_logits = 0;
   floor_tps = predicted_s = 0.0;
 }
 
@@ -147,18 +148,23 @@ bool Scheduler::admit(Request& r, double now) {
   return true;
 }
 
-void Scheduler::emit(Request& r, Kv& kv, int n) {
+void Scheduler::emit(Request& r, Kv& kv, int n, int k) {
+  // n tokens from position num_computed; the last k of them are r.draft[0..k) (a verify
+  // row: n = 1 + k, all positions sampled).
   const int ps = config_.page_size;
   const int start = r.num_computed;
+  const int have = static_cast<int>(r.tokens.size());
   plan_.req_ids.push_back(r.id);
   plan_.slots.push_back(kv.slot);
   plan_.query_lens.push_back(n);
   plan_.seq_lens.push_back(start + n);
-  const bool sample = start + n == static_cast<int>(r.tokens.size());
+  plan_.spec_lens.push_back(k);
+  const bool sample = start + n - k == have;
   plan_.sample.push_back(sample ? 1 : 0);
   plan_.num_sample += sample;
+  plan_.num_logits += sample ? 1 + k : 0;
   for (int p = start; p < start + n; ++p) {
-    plan_.input_ids.push_back(r.tokens[p]);
+    plan_.input_ids.push_back(p < have ? r.tokens[p] : r.draft[p - have]);
     plan_.positions.push_back(p);
     plan_.slot_mapping.push_back(static_cast<int64_t>(kv.blocks[p / ps].id()) * ps + p % ps);
   }
@@ -215,6 +221,7 @@ void Scheduler::preempt(uint64_t id) {
   Kv* kv = r.kv();
   free_slots_.push_back(kv->slot);
   r.state = Waiting{};             // destroys the Kv: every block reference returns
+  r.draft.clear();
   r.num_computed = 0;
   r.pages_hashed = 0;
   r.last_hash = 0;
@@ -224,47 +231,123 @@ void Scheduler::preempt(uint64_t id) {
   ++totals_.preemptions;
 }
 
+int Scheduler::draft_len(const Request& r, int room) const {
+  const int size = static_cast<int>(r.tokens.size());
+  int k = static_cast<int>(r.draft.size());
+  k = std::min(k, room);                               // the token budget
+  k = std::min(k, r.max_tokens - r.num_output() - 1);  // the verify row's 1 + k outputs
+  k = std::min(k, config_.max_model_len - size - 1);   // ... and the context limit
+  return std::max(k, 0);
+}
+
+void Scheduler::trim(Request& r, Kv& kv) {
+  const int ps = config_.page_size;
+  const size_t need = (r.tokens.size() + ps - 1) / ps;
+  while (kv.blocks.size() > need) {
+    table_[static_cast<size_t>(kv.slot) * max_blocks_ + kv.blocks.size() - 1] = 0;
+    kv.blocks.pop_back();            // the BlockRef returns its block
+  }
+}
+
+void Scheduler::set_drafts(const uint64_t* ids, const int32_t* lens, size_t n,
+                           const int32_t* tokens, size_t num_tokens) {
+  if (plan_pending_) throw std::logic_error("set_drafts() while a plan awaits update()");
+  size_t total = 0;
+  for (size_t i = 0; i < n; ++i) {
+    if (lens[i] < 0) throw std::invalid_argument("set_drafts() got a negative draft length");
+    get(ids[i]);                     // unknown id: out_of_range
+    total += static_cast<size_t>(lens[i]);
+  }
+  if (total != num_tokens) {
+    throw std::invalid_argument("set_drafts() got " + std::to_string(num_tokens) +
+                                " tokens for draft lengths summing to " + std::to_string(total));
+  }
+  for (size_t j = 0; j < num_tokens; ++j) {
+    if (tokens[j] < 0) throw std::invalid_argument("set_drafts() got a negative token id");
+  }
+  size_t off = 0;
+  for (size_t i = 0; i < n; ++i) {
+    Request& r = get(ids[i]);
+    r.draft.assign(tokens + off, tokens + off + lens[i]);
+    off += static_cast<size_t>(lens[i]);
+  }
+}
+
 const StepPlan& Scheduler::plan(double now) {
   if (plan_pending_) throw std::logic_error("plan() while the previous plan awaits update()");
   plan_.clear();
   budget_ = config_.max_num_batched_tokens;
   // 1. Decodes, oldest first; when blocks run out, the newest running request is preempted.
+  // A decode with a draft becomes a verify row of 1 + k tokens (k clipped so that every
+  // later decode still gets its token, and a step that carries decodes stays under
+  // max_tokens_with_decodes); when its blocks do not fit, it falls back to a plain decode
+  // before anything is preempted. Plain decodes are emitted first, then verify rows.
   std::vector<uint64_t> order = running_;
+  int decoding = 0;
+  for (uint64_t id : order) decoding += std::holds_alternative<Decoding>(get(id).state);
+  const int cap = config_.max_tokens_with_decodes;
+  int room = cap > 0 ? std::min(budget_, cap) : budget_;   // decode tokens this step may take
+  std::vector<std::pair<Request*, int>> verify;            // (request, k)
   for (uint64_t id : order) {
     Request& r = get(id);
     auto* d = std::get_if<Decoding>(&r.state);
-    if (d == nullptr || budget_ < 1) continue;
-    bool ok = grow(d->kv, r.num_computed + 1, now);
+    if (d == nullptr) { r.draft.clear(); continue; }
+    --decoding;                                   // decodes after this one
+    if (budget_ < 1) { r.draft.clear(); continue; }
+    int k = draft_len(r, room - 1 - decoding);
+    bool ok = k > 0 && grow(d->kv, r.num_computed + 1 + k, now);
+    if (!ok) {
+      if (k > 0) trim(r, d->kv);                  // blocks a failed verify grow took
+      k = 0;
+      ok = grow(d->kv, r.num_computed + 1, now);
+    }
     while (!ok) {
       uint64_t victim = running_.back();
       preempt(victim);
       if (victim == id) break;
       ok = grow(d->kv, r.num_computed + 1, now);
     }
-    if (ok) emit(r, d->kv, 1);
+    if (!ok) continue;
+    room -= 1 + k;
+    if (k > 0) {
+      budget_ -= 1 + k;                           // emitted below, after the plain decodes
+      verify.emplace_back(&r, k);
+    } else {
+      r.draft.clear();
+      emit(r, d->kv, 1);
+    }
   }
   plan_.num_decodes = static_cast<int>(plan_.req_ids.size());
+  for (auto& [r, k] : verify) {
+    budget_ += 1 + k;
+    emit(*r, *r->kv(), 1 + k, k);
+    r->draft.clear();
+  }
+  plan_.num_verify = static_cast<int>(verify.size());
+  const int decode_rows = plan_.num_decodes + plan_.num_verify;
+  const int decode_tokens = static_cast<int>(plan_.input_ids.size());
   // The decode floor: the highest floor among this step's decodes bounds the step's time,
   // and prefill gets what the step-time model leaves of it.
   time_limited_ = prefill_scheduled_ = false;
   prefill_tokens_ = 0;
-  for (int i = 0; i < plan_.num_decodes; ++i) {
+  for (int i = 0; i < decode_rows; ++i) {
     const double f = get(plan_.req_ids[i]).decode_floor_tps;
     plan_.floor_tps = std::max(plan_.floor_tps, f > 0 ? f : config_.decode_floor_tps);
   }
   if (plan_.floor_tps > 0) {
     const StepTimeModel& m = config_.step_model;
     double kv = 0;
-    for (int i = 0; i < plan_.num_decodes; ++i) kv += plan_.seq_lens[i];
-    plan_.predicted_s = m.base + m.per_decode * plan_.num_decodes + m.per_kv_token * kv;
+    for (int i = 0; i < decode_rows; ++i) kv += plan_.seq_lens[i];
+    // A verify row's drafts are charged as prefill tokens (q_len > 1 rows run the chunk path).
+    plan_.predicted_s = m.base + m.per_decode * decode_rows + m.per_kv_token * kv +
+                        m.per_prefill_token * (decode_tokens - decode_rows);
     time_left_ = 1.0 / plan_.floor_tps - plan_.predicted_s - m.prefill_base;
     time_limited_ = true;
   }
   // A step that carries decodes takes at most max_tokens_with_decodes tokens in all, so a
   // long prefill cannot stall the running requests' next token for a whole big chunk.
-  if (plan_.num_decodes > 0 && config_.max_tokens_with_decodes > 0) {
-    budget_ = std::min(budget_, std::max(0, config_.max_tokens_with_decodes -
-                                                plan_.num_decodes));
+  if (decode_rows > 0 && config_.max_tokens_with_decodes > 0) {
+    budget_ = std::min(budget_, std::max(0, config_.max_tokens_with_decodes - decode_tokens));
   }
   // 2. Prefill chunks of admitted requests, then 3. admissions, FCFS.
   for (uint64_t id : running_) {
@@ -285,7 +368,7 @@ const StepPlan& Scheduler::plan(double now) {
     waiting_.pop_front();
     running_.push_back(r.id);
   }
-  if (time_limited_ && plan_.num_decodes < static_cast<int>(plan_.req_ids.size())) {
+  if (time_limited_ && decode_rows < static_cast<int>(plan_.req_ids.size())) {
     plan_.predicted_s += config_.step_model.prefill_base;
   }
   plan_pending_ = !plan_.req_ids.empty();
@@ -319,43 +402,112 @@ void Scheduler::finish(Request& r, Finish reason, double now) {
   requests_.erase(id);
 }
 
-std::vector<int8_t> Scheduler::update(const int32_t* sampled, size_t n, double now) {
+std::vector<int8_t> Scheduler::update(const int32_t* sampled, size_t n, double now,
+                                      const int32_t* counts, size_t num_counts,
+                                      std::vector<int32_t>* kept) {
   if (!plan_pending_) throw std::logic_error("update() without a pending plan");
-  if (n != static_cast<size_t>(plan_.num_sample)) {
+  const size_t rows = static_cast<size_t>(plan_.num_sample);
+  if (counts != nullptr && num_counts != rows) {
+    throw std::invalid_argument("update() got " + std::to_string(num_counts) +
+                                " counts for " + std::to_string(rows) + " sample rows");
+  }
+  if (counts == nullptr && n != rows) {
     throw std::invalid_argument("update() got " + std::to_string(n) + " tokens for " +
-                                std::to_string(plan_.num_sample) + " sample rows");
+                                std::to_string(rows) + " sample rows");
   }
   for (size_t j = 0; j < n; ++j) {
     if (sampled[j] < 0) throw std::invalid_argument("update() got a negative token id");
   }
-  std::vector<int8_t> codes(n, static_cast<int8_t>(Finish::None));
-  size_t j = 0;
+  // Validate every row before changing anything: counts in range, accepted drafts equal to
+  // the planned ones (their KV was computed from those inputs).
+  if (counts != nullptr) {
+    size_t j = 0, off = 0, tok = 0;
+    for (size_t i = 0; i < plan_.req_ids.size(); ++i) {
+      const int q = plan_.query_lens[i], k = plan_.spec_lens[i];
+      if (plan_.sample[i]) {
+        const int c = counts[j];
+        if (c < 1 || c > 1 + k) {
+          throw std::invalid_argument("update(): sample row " + std::to_string(j) + " has " +
+                                      std::to_string(k) + " drafts, so 1.." +
+                                      std::to_string(1 + k) + " tokens, got " +
+                                      std::to_string(c));
+        }
+        if (off + c > n) throw std::invalid_argument("update(): counts sum past the tokens");
+        for (int m = 0; m + 1 < c; ++m) {
+          if (sampled[off + m] != plan_.input_ids[tok + q - k + m]) {
+            throw std::invalid_argument("update(): sample row " + std::to_string(j) +
+                                        " accepts token " + std::to_string(sampled[off + m]) +
+                                        " where its draft had " +
+                                        std::to_string(plan_.input_ids[tok + q - k + m]));
+          }
+        }
+        off += c;
+        ++j;
+      }
+      tok += q;
+    }
+    if (off != n) {
+      throw std::invalid_argument("update() got " + std::to_string(n) + " tokens, counts sum "
+                                  "to " + std::to_string(off));
+    }
+  }
+  std::vector<int8_t> codes(rows, static_cast<int8_t>(Finish::None));
+  if (kept != nullptr) kept->assign(rows, 0);
+  size_t j = 0, off = 0;
   for (size_t i = 0; i < plan_.req_ids.size(); ++i) {
     const bool sample = plan_.sample[i] != 0;
+    const int c = sample ? (counts != nullptr ? counts[j] : 1) : 0;
     auto it = requests_.find(plan_.req_ids[i]);
-    if (it == requests_.end()) {     // aborted while the step ran: drop its token
-      if (sample) codes[j++] = static_cast<int8_t>(Finish::Abort);
+    if (it == requests_.end()) {     // aborted while the step ran: drop its tokens
+      if (sample) {
+        codes[j++] = static_cast<int8_t>(Finish::Abort);
+        off += c;
+      }
       continue;
     }
     Request& r = it->second;
     Kv* kv = r.kv();
     if (kv == nullptr) throw std::logic_error("a planned request lost its KV before update()");
-    r.num_computed += plan_.query_lens[i];
-    register_pages(r, *kv);
-    if (!sample) continue;
-    const Token t = sampled[j];
-    r.tokens.push_back(t);
-    ++totals_.generated_tokens;
-    if (auto* p = std::get_if<Prefilling>(&r.state)) r.state = Decoding{std::move(p->kv)};
-    Finish f = Finish::None;
-    if (std::find(r.stop_ids.begin(), r.stop_ids.end(), t) != r.stop_ids.end()) {
-      f = Finish::Stop;
-    } else if (r.num_output() >= r.max_tokens ||
-               static_cast<int>(r.tokens.size()) >= config_.max_model_len) {
-      f = Finish::Length;
+    const int k = plan_.spec_lens[i];
+    if (!sample) {
+      r.num_computed += plan_.query_lens[i];
+      register_pages(r, *kv);
+      continue;
     }
+    // Tokens one by one: the first that finishes the request ends it, the rest are dropped.
+    Finish f = Finish::None;
+    int taken = 0;
+    for (int m = 0; m < c && f == Finish::None; ++m) {
+      const Token t = sampled[off + m];
+      r.tokens.push_back(t);
+      ++taken;
+      if (std::find(r.stop_ids.begin(), r.stop_ids.end(), t) != r.stop_ids.end()) {
+        f = Finish::Stop;
+      } else if (r.num_output() >= r.max_tokens ||
+                 static_cast<int>(r.tokens.size()) >= config_.max_model_len) {
+        f = Finish::Length;
+      }
+    }
+    off += c;
+    totals_.generated_tokens += taken;
+    if (k > 0) {
+      ++totals_.spec_verify_rows;
+      totals_.spec_draft_tokens += k;
+      totals_.spec_accepted_tokens += std::min(c - 1, taken);
+    }
+    // KV is valid for the non-draft inputs and the accepted drafts, and only up to the
+    // tokens the request kept (the rejected drafts' slots are rewritten later).
+    r.num_computed = std::min(r.num_computed + plan_.query_lens[i] - k + (c - 1),
+                              static_cast<int>(r.tokens.size()));
+    register_pages(r, *kv);
+    if (kept != nullptr) (*kept)[j] = taken;
+    if (auto* p = std::get_if<Prefilling>(&r.state)) r.state = Decoding{std::move(p->kv)};
     codes[j++] = static_cast<int8_t>(f);
-    if (f != Finish::None) finish(r, f, now);
+    if (f != Finish::None) {
+      finish(r, f, now);
+    } else {
+      trim(r, *r.kv());              // the rejected drafts' blocks go back to the pool
+    }
   }
   plan_pending_ = false;
   return codes;
@@ -418,6 +570,17 @@ void Scheduler::check_invariants() const {
     }
     const size_t need = (r.num_computed + config_.page_size - 1) / config_.page_size;
     if (kv->blocks.size() < need) throw std::logic_error("computed tokens without blocks");
+    if (r.num_computed > static_cast<int>(r.tokens.size())) {
+      throw std::logic_error("request " + std::to_string(id) + " has more computed tokens "
+                             "than tokens");
+    }
+    const size_t most = (r.tokens.size() + config_.page_size - 1) / config_.page_size;
+    if (!plan_pending_ && kv->blocks.size() > most) {
+      throw std::logic_error("request " + std::to_string(id) + " holds " +
+                             std::to_string(kv->blocks.size()) + " blocks for " +
+                             std::to_string(r.tokens.size()) + " tokens (rejected drafts' "
+                             "blocks not given back)");
+    }
   }
   int used_slots = 0;
   for (int c : slot_owner) used_slots += c;

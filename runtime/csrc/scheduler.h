@@ -14,6 +14,18 @@
 // Python). Python answers with the sampled tokens of the plan's sample rows (`update`) and
 // with aborts; anything out of order is rejected with an exception, never undefined
 // behaviour.
+//
+// Speculative decoding: before a plan, Python may give decoding requests draft tokens
+// (`set_drafts`). The plan turns such a request's decode into a verify row: its last
+// sampled token plus k <= draft length drafts (clipped to the token budget, max_tokens
+// and max_model_len), q_len = 1 + k, every position sampled. Verify rows come after the
+// plain decodes (the kernels' decodes have q_len 1) and before the prefill chunks, and the
+// plan says k per sequence (`spec_lens`). `update` then takes 1..1+k tokens for a verify
+// row: the accepted drafts (checked equal to the planned ones) plus the bonus token, and
+// rolls the request back to the accepted length: KV counts as computed only up to the
+// accepted tokens and blocks beyond the request's tokens are given back. Stop ids,
+// max_tokens and max_model_len are checked token by token, so a finish mid-draft drops
+// the rest.
 #pragma once
 
 #include <cstdint>
@@ -87,6 +99,7 @@ struct Request {
   std::string session;
   double arrival = 0.0;
   double decode_floor_tps = 0.0;       // this request's floor (0: the config's)
+  std::vector<Token> draft;            // drafts for the next plan (consumed by it)
   int num_computed = 0;                // tokens whose KV is in the cache
   int num_cached = -1;                 // prefix-hit tokens at first admission (-1: not yet)
   int pages_hashed = 0;                // full pages registered in the prefix cache
@@ -102,8 +115,12 @@ struct StepPlan {
   std::vector<uint64_t> req_ids;
   std::vector<int32_t> slots, query_lens, seq_lens;
   std::vector<uint8_t> sample;         // 1: the last token of this chunk is sampled
-  int num_decodes = 0;
+  std::vector<int32_t> spec_lens;      // draft tokens of a verify row (0: none); a verify
+                                       // row samples all of its 1 + k positions
+  int num_decodes = 0;                 // plain decodes (q_len 1), listed first
+  int num_verify = 0;                  // verify rows, right after the plain decodes
   int num_sample = 0;
+  int num_logits = 0;                  // sampled positions: sum over sample rows of 1 + k
   // Per token.
   std::vector<int32_t> input_ids, positions;
   std::vector<int64_t> slot_mapping;
@@ -122,6 +139,8 @@ struct Stats {
   int blocks_total = 0, blocks_free = 0, blocks_cached = 0, blocks_in_use = 0;
   int64_t prefix_hit_tokens = 0, prompt_tokens = 0, generated_tokens = 0;
   int64_t preemptions = 0, evictions = 0;
+  // Speculative decoding (cumulative): verify rows, draft tokens they carried, drafts kept.
+  int64_t spec_verify_rows = 0, spec_draft_tokens = 0, spec_accepted_tokens = 0;
 };
 
 class Scheduler {
@@ -134,8 +153,19 @@ class Scheduler {
   // Finish a live request now (client gone, stop string, error). Unknown id: out_of_range.
   void abort(uint64_t id, Finish reason, double now);
   const StepPlan& plan(double now);
+  // Draft tokens for the next plan: request ids[i] gets tokens[off_i, off_i + lens[i]).
+  // Replaces any earlier draft; a request that is not decoding at plan time ignores its
+  // draft. Unknown id: out_of_range; negative token or length: invalid_argument.
+  void set_drafts(const uint64_t* ids, const int32_t* lens, size_t n, const int32_t* tokens,
+                  size_t num_tokens);
   // Tokens for the pending plan's sample rows, in order; returns a finish code per row.
-  std::vector<int8_t> update(const int32_t* sampled, size_t n, double now);
+  // `counts` (nullptr: one token per row) gives the tokens of each sample row: 1 for a
+  // plain row, 1..1+k for a verify row (its first count - 1 tokens must be its planned
+  // drafts). `kept` (if given) receives the tokens each row kept (fewer when it finished
+  // mid-draft).
+  std::vector<int8_t> update(const int32_t* sampled, size_t n, double now,
+                             const int32_t* counts = nullptr, size_t num_counts = 0,
+                             std::vector<int32_t>* kept = nullptr);
   // The pending plan's forward failed: finish every request it scheduled with Error and
   // drop the plan. Unlike update(), nothing is counted as computed and no page reaches the
   // prefix cache (the failed chunk's KV was never written). Returns the ids it finished
@@ -155,7 +185,9 @@ class Scheduler {
   Request& get(uint64_t id);
   bool admit(Request& r, double now);
   bool grow(Kv& kv, int tokens, double now);
-  void emit(Request& r, Kv& kv, int n);
+  void emit(Request& r, Kv& kv, int n, int k = 0);
+  int draft_len(const Request& r, int room) const;   // drafts a verify row may take
+  void trim(Request& r, Kv& kv);                      // blocks beyond r.tokens back
   int prefill_chunk(int prefix, int want) const;   // tokens a chunk may take now
   void charge_prefill(int prefix, int c);
   void preempt(uint64_t id);

@@ -60,7 +60,13 @@ class _EngineStatsCollector(Collector):
                 ("num_preemptions", "Requests preempted by the scheduler", "preemptions"),
                 ("steps", "Engine forward steps", "steps"),
                 ("eager_steps", "Engine steps run eagerly: no CUDA-graph bucket held them "
-                                "(or no graphs: CPU, --enforce-eager)", "eager_steps")):
+                                "(or no graphs: CPU, --enforce-eager)", "eager_steps"),
+                ("spec_verify_steps", "Speculative verify rows (a decode with drafts)",
+                 "spec_verify_steps"),
+                ("spec_draft_tokens", "Draft tokens sent to verification",
+                 "spec_draft_tokens"),
+                ("spec_accepted_tokens", "Draft tokens the target accepted",
+                 "spec_accepted_tokens")):
             yield CounterMetricFamily(PREFIX + name, doc, value=getattr(s, attr) if s else 0)
 
 
