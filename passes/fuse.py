@@ -61,6 +61,17 @@ def _norm_args(norm: fx.Node, add: fx.Node) -> tuple[object, tuple] | None:
     return None
 
 
+def take_over(f: fx.Node, *pairs: tuple[fx.Node, fx.Node]) -> None:
+    """Each (getitem of fused node f, node it replaces): the getitem takes the old node's
+    meta and users, then the old node is erased (in the order given)."""
+    for new, old in pairs:
+        new.meta.update({k: v for k, v in old.meta.items() if k != "wants"})
+        new.meta["wants"] = (f.meta["placement"],)
+        old.replace_all_uses_with(new)
+    for _, old in pairs:
+        f.graph.erase_node(old)
+
+
 def fuse(stage: Stage) -> Stage:
     st = stage.copy("fuse")
     graph = st.gm.graph
@@ -91,12 +102,7 @@ def fuse(stage: Stage) -> Stage:
                       wants=(ar.meta["wants"][0], add.meta["wants"][0],
                              *(_wants_of(norm, p) for p in params if isinstance(p, fx.Node))),
                       collective=dict(ar.meta["collective"], kind=op._schema.name.split("::")[1]))
-        for new, old in ((y, norm), (s, add)):
-            new.meta.update({k: v for k, v in old.meta.items() if k != "wants"})
-            new.meta["wants"] = (f.meta["placement"],)
-            old.replace_all_uses_with(new)
-        graph.erase_node(norm)
-        graph.erase_node(add)
+        take_over(f, (y, norm), (s, add))
         graph.erase_node(ar)
         fused += 1
     graph.lint()

@@ -20,6 +20,7 @@ import operator
 import torch
 from torch import fx
 
+from tscompile.passes.fuse import take_over
 from tscompile.passes.ir import Stage, TensorVal
 
 
@@ -64,12 +65,7 @@ def _fuse_add_norm(graph: fx.Graph) -> int:
                       val=(norm.meta["val"], add.meta["val"]),
                       placement=(norm.meta["placement"], add.meta["placement"]),
                       wants=(*add.meta["wants"], norm.meta["wants"][1]))
-        for new, old in ((y, norm), (s, add)):
-            new.meta.update({k: v for k, v in old.meta.items() if k != "wants"})
-            new.meta["wants"] = (f.meta["placement"],)
-            old.replace_all_uses_with(new)
-        graph.erase_node(norm)
-        graph.erase_node(add)
+        take_over(f, (y, norm), (s, add))
         done += 1
     return done
 

@@ -102,29 +102,34 @@ def _rope_kernel(
         tl.store(o_head + c[None, :], rest, mask=mask)
 
 
-@register("rope", "triton", priority=PRIO, requires=REQ)
-def rope_triton(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
-                interleaved: bool) -> torch.Tensor:
+def _launch(x: torch.Tensor, cos_sin_cache: torch.Tensor, op: str):
+    """(x, table with unit last stride, grid, tile constexprs) for a [T, H, D] launch."""
     t, h, d = x.shape
     r = cos_sin_cache.shape[-1]
     if r % 2 or r > d:
-        raise ValueError(f"rope: rotary dim {r} must be even and <= head dim {d}")
+        raise ValueError(f"{op}: rotary dim {r} must be even and <= head dim {d}")
     if x.stride(-1) != 1:
         x = x.contiguous()
     if cos_sin_cache.stride(-1) != 1:
         cos_sin_cache = cos_sin_cache.contiguous()
-    out = torch.empty((t, h, d), dtype=x.dtype, device=x.device)
-    if out.numel() == 0:
-        return out
     block_r2 = triton.next_power_of_2(max(r // 2, 1))
     block_h = max(1, min(triton.next_power_of_2(h), TILE_ELEMS // (2 * block_r2)))
-    block_rest = triton.next_power_of_2(d - r) if d > r else 0
-    grid = (t, triton.cdiv(h, block_h))
+    geo = dict(HEAD_DIM=d, ROT_DIM=r, BLOCK_H=block_h, BLOCK_R2=block_r2,
+               BLOCK_REST=triton.next_power_of_2(d - r) if d > r else 0)
+    return x, cos_sin_cache, (t, triton.cdiv(h, block_h)), geo
+
+
+@register("rope", "triton", priority=PRIO, requires=REQ)
+def rope_triton(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                interleaved: bool) -> torch.Tensor:
+    x, cos_sin_cache, grid, geo = _launch(x, cos_sin_cache, "rope")
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
     _rope_kernel[grid](
         x, positions, cos_sin_cache, out,
-        h, x.stride(0), x.stride(1), cos_sin_cache.stride(0),
-        HEAD_DIM=d, ROT_DIM=r, INTERLEAVED=bool(interleaved),
-        BLOCK_H=block_h, BLOCK_R2=block_r2, BLOCK_REST=block_rest,
+        x.shape[1], x.stride(0), x.stride(1), cos_sin_cache.stride(0),
+        INTERLEAVED=bool(interleaved), **geo,
         num_warps=NUM_WARPS, enable_fp_fusion=False,
     )
     return out
@@ -189,27 +194,15 @@ def _rms_norm_rope_kernel(
 def rms_norm_rope_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
                          positions: torch.Tensor, cos_sin_cache: torch.Tensor,
                          interleaved: bool) -> torch.Tensor:
-    t, h, d = x.shape
-    r = cos_sin_cache.shape[-1]
-    if r % 2 or r > d:
-        raise ValueError(f"rms_norm_rope: rotary dim {r} must be even and <= head dim {d}")
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    if cos_sin_cache.stride(-1) != 1:
-        cos_sin_cache = cos_sin_cache.contiguous()
-    out = torch.empty((t, h, d), dtype=torch.promote_types(x.dtype, weight.dtype),
+    x, cos_sin_cache, grid, geo = _launch(x, cos_sin_cache, "rms_norm_rope")
+    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype),
                       device=x.device)
     if out.numel() == 0:
         return out
-    block_r2 = triton.next_power_of_2(max(r // 2, 1))
-    block_h = max(1, min(triton.next_power_of_2(h), TILE_ELEMS // (2 * block_r2)))
-    block_rest = triton.next_power_of_2(d - r) if d > r else 0
-    grid = (t, triton.cdiv(h, block_h))
     _rms_norm_rope_kernel[grid](
         x, weight.contiguous(), positions, cos_sin_cache, out,
-        h, x.stride(0), x.stride(1), cos_sin_cache.stride(0), eps,
-        HEAD_DIM=d, ROT_DIM=r, INTERLEAVED=bool(interleaved),
-        BLOCK_H=block_h, BLOCK_R2=block_r2, BLOCK_REST=block_rest,
+        x.shape[1], x.stride(0), x.stride(1), cos_sin_cache.stride(0), eps,
+        INTERLEAVED=bool(interleaved), **geo,
         num_warps=NUM_WARPS, enable_fp_fusion=False,
     )
     return out
