@@ -87,25 +87,49 @@ def prefill_bucket_sizes(max_tokens: int, smallest: int = 16) -> tuple[int, ...]
 class Bucket:
     decodes: int             # d: decode rows
     prefill: int             # p: prefill tokens (0: a pure-decode bucket)
+    # A verify bucket (speculative decoding): logits for every token, not only each
+    # sequence's last, and `chunk_slots` rows for its q_len > 1 sequences (verify rows and
+    # prefill chunks).
+    all_logits: bool = False
+    chunk_slots: int = MAX_PREFILL_SEQS
 
     @property
     def num_seqs(self) -> int:
-        return self.decodes + (MAX_PREFILL_SEQS if self.prefill else 0)
+        return self.decodes + (self.chunk_slots if self.prefill else 0)
 
     @property
     def num_tokens(self) -> int:
         return self.decodes + self.prefill
 
+    @property
+    def num_logits(self) -> int:
+        return self.num_tokens if self.all_logits else self.num_seqs
+
+
+def has_verify_rows(meta: AttentionMetadata) -> bool:
+    """Whether some logits row is not the last token of its sequence (a speculative verify
+    row's draft positions). Host tensors: a few us of numpy."""
+    if not meta.logits_indices.numel():
+        return False
+    ends = meta.query_start_loc[1:].cpu().numpy().astype(np.int64) - 1
+    idx = meta.logits_indices.cpu().numpy()
+    return bool((ends[np.minimum(np.searchsorted(ends, idx), len(ends) - 1)] != idx).any())
+
 
 def plan_bucket(step: StepInputs, decode_sizes: Sequence[int], prefill_sizes: Sequence[int],
-                max_blocks: int) -> tuple[Bucket | None, str]:
+                max_blocks: int, verify_sizes: Sequence[int] = (),
+                verify_slots: int = MAX_PREFILL_SEQS) -> tuple[Bucket | None, str]:
     """The smallest bucket that holds `step`, or (None, why not). Sizes sorted ascending;
-    empty `prefill_sizes`: decode buckets only."""
+    empty `prefill_sizes`: decode buckets only; `verify_sizes`: the prefill token sizes of
+    the verify buckets (steps with verify rows), each with `verify_slots` chunk rows."""
     m = step.meta
     nd, n = m.num_decodes, m.num_seqs
     chunks, prefill = n - nd, step.input_ids.numel() - nd
     if n == 0:
         return None, "an empty step"
+    if has_verify_rows(m):
+        return _verify_bucket(m, nd, chunks, prefill, decode_sizes, verify_sizes,
+                              verify_slots, max_blocks)
     if m.block_tables.shape[1] > max_blocks:
         return None, (f"a block table of {m.block_tables.shape[1]} blocks is wider than the "
                       f"graphs' {max_blocks}")
@@ -125,14 +149,40 @@ def plan_bucket(step: StepInputs, decode_sizes: Sequence[int], prefill_sizes: Se
     return Bucket(d, p), ""
 
 
+def _verify_bucket(m: AttentionMetadata, nd: int, chunks: int, prefill: int,
+                   decode_sizes: Sequence[int], verify_sizes: Sequence[int], slots: int,
+                   max_blocks: int) -> tuple[Bucket | None, str]:
+    if not verify_sizes:
+        return None, ("a step with verify rows (logits at every draft position), and no "
+                      "verify graphs were captured")
+    if m.block_tables.shape[1] > max_blocks:
+        return None, (f"a block table of {m.block_tables.shape[1]} blocks is wider than the "
+                      f"graphs' {max_blocks}")
+    if nd > (decode_sizes[-1] if decode_sizes else 0):
+        return None, f"{nd} decodes > the largest decode bucket {decode_sizes[-1]}"
+    if prefill > verify_sizes[-1]:
+        return None, (f"{prefill} verify and prefill tokens > the largest verify bucket "
+                      f"{verify_sizes[-1]}")
+    d = next((s for s in decode_sizes if s >= nd), 0) if nd else 0
+    p = next(s for s in verify_sizes if s >= prefill)
+    if chunks + (p > prefill) > slots:
+        return None, (f"{chunks} verify rows and chunks (+ padding) > the {slots} rows of a "
+                      f"verify bucket")
+    return Bucket(d, p, all_logits=True, chunk_slots=slots), ""
+
+
 class StepGraphs:
     def __init__(self, forward: Forward, *, max_batch: int, max_blocks: int, page_size: int,
                  scratch_block: int, device: torch.device | str,
                  sizes: Sequence[int] | None = None,
-                 prefill_sizes: Sequence[int] = (), capture: bool = True):
+                 prefill_sizes: Sequence[int] = (), verify_tokens: int = 0,
+                 capture: bool = True):
         """`sizes`: decode batch buckets (default bucket_sizes(max_batch)); `prefill_sizes`:
         prefill token buckets of the mixed and pure-prefill graphs (empty: decode graphs
         only); each must fit the block table (<= max_blocks * page_size tokens).
+        `verify_tokens`: also capture verify buckets (logits at every token: speculative
+        verify rows) for the prefill sizes up to it, with one chunk row per possible
+        sequence (0: none; a verify step then runs eagerly).
         `capture=False` replays nothing and runs `forward` on the padded static buffers
         instead: the padding path without a GPU (tests), never a serving mode."""
         self.forward, self.page_size = forward, page_size
@@ -146,17 +196,25 @@ class StepGraphs:
         self.scratch = scratch_block
         if capture and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, got {self.device}")
+        self.verify_sizes = tuple(p for p in self.prefill_sizes if p <= verify_tokens)
+        if verify_tokens and not self.verify_sizes:
+            raise ValueError(f"verify_tokens={verify_tokens} is below every prefill bucket "
+                             f"{self.prefill_sizes}")
+        self.verify_slots = max(MAX_PREFILL_SEQS, self.sizes[-1])
         self.buckets = [Bucket(d, 0) for d in self.sizes] + [
-            Bucket(d, p) for d in (0,) + self.sizes for p in self.prefill_sizes]
+            Bucket(d, p) for d in (0,) + self.sizes for p in self.prefill_sizes] + [
+            Bucket(d, p, all_logits=True, chunk_slots=self.verify_slots)
+            for d in (0,) + self.sizes for p in self.verify_sizes]
         n = max(b.num_tokens for b in self.buckets)
         s = max(b.num_seqs for b in self.buckets)
+        nl = max(b.num_logits for b in self.buckets)
         # The static inputs are views of one device arena, mirrored by one host arena
         # (pinned on a GPU) that `_fill` writes in place: a step's inputs go up in a few
         # asynchronous copies instead of one pageable copy per buffer. Layout: int64
-        # [ids n | positions n | slots n | logits rows s], then int32 [seq_lens s |
+        # [ids n | positions n | slots n | logits rows nl], then int32 [seq_lens s |
         # query_start_loc s+1 | block tables s x max_blocks] (a table's first rows are
         # contiguous with the lengths, so one copy carries all three).
-        n64, n32 = 3 * n + s, 2 * s + 1 + s * max_blocks
+        n64, n32 = 3 * n + nl, 2 * s + 1 + s * max_blocks
         size = n64 + (n32 + 1) // 2
         arena = torch.zeros(size, dtype=torch.int64, device=self.device)
         host = torch.zeros(size, dtype=torch.int64)
@@ -172,7 +230,7 @@ class StepGraphs:
         self.seq_lens, self.query_start_loc = a32[:s], a32[s:2 * s + 1]
         self.block_tables = a32[2 * s + 1:n32].view(s, max_blocks)
         self._h64[2 * n:3 * n] = scratch_block * page_size
-        self._h64[3 * n:n64] = np.arange(s)
+        self._h64[3 * n:n64] = np.arange(nl)
         self._h32[:s] = 1
         self._h32[s:2 * s + 1] = np.arange(s + 1)
         self._h32[2 * s + 1:n32] = scratch_block
@@ -180,6 +238,7 @@ class StepGraphs:
         self.logits: torch.Tensor | None = None       # [s, V]: every bucket's output rows
         self.graphs: dict[Bucket, torch.cuda.CUDAGraph] = {}
         self.replays = 0
+        self.verify_replays = 0          # of them, verify buckets (speculative steps)
         self.eager_steps = 0
         if capture:
             self._capture()
@@ -188,17 +247,17 @@ class StepGraphs:
         s, t = b.num_seqs, b.num_tokens
         return AttentionMetadata(self.query_start_loc[: s + 1], self.seq_lens[:s],
                                  self.block_tables[:s], self.slot_mapping[:t],
-                                 self.logits_indices[:s], num_decodes=b.decodes)
+                                 self.logits_indices[:b.num_logits], num_decodes=b.decodes)
 
     def _run(self, b: Bucket) -> torch.Tensor:
         """The program on bucket b's buffers; its logits [num_seqs, V] into `self.logits`."""
         t = b.num_tokens
         out = self.forward(self.input_ids[:t], self.positions[:t], self._meta(b))
         if self.logits is None:
-            rows = max(x.num_seqs for x in self.buckets)
+            rows = max(x.num_logits for x in self.buckets)
             self.logits = out.new_empty(rows, out.shape[-1])
-        self.logits[: b.num_seqs].copy_(out)
-        return self.logits[: b.num_seqs]
+        self.logits[: b.num_logits].copy_(out)
+        return self.logits[: b.num_logits]
 
     def _fill_idle(self, b: Bucket) -> None:
         """Bucket b's buffers as a step of padding only (for warm-up and capture)."""
@@ -241,7 +300,8 @@ class StepGraphs:
 
     def bucket(self, step: StepInputs) -> tuple[Bucket | None, str]:
         """The bucket `step` replays in, or (None, why it runs eagerly)."""
-        return plan_bucket(step, self.sizes, self.prefill_sizes, self.max_blocks)
+        return plan_bucket(step, self.sizes, self.prefill_sizes, self.max_blocks,
+                           self.verify_sizes, self.verify_slots)
 
     def _fill(self, b: Bucket, step: StepInputs) -> np.ndarray:
         """Write `step`, padded to bucket b, into the static buffers; returns the bucket
@@ -291,23 +351,32 @@ class StepGraphs:
         tab[:s, :width] = scratch
         tab[:nd, :mb] = tables[:nd]
         tab[d:d + chunks, :mb] = tables[nd:]
-        # The step's logits rows: sequence of each index (its last token), as a bucket row.
-        last = qsl[1:] - 1
-        seq_of = np.searchsorted(last, lidx)
-        if lidx.size and ((seq_of >= n).any() or (last[np.minimum(seq_of, n - 1)] != lidx).any()):
-            raise ValueError("StepGraphs: logits_indices must be last tokens of sequences")
-        h64[3 * N:3 * N + s] = np.maximum(b_qsl[1:].astype(np.int64) - 1, 0)
-        rows = np.concatenate([np.arange(nd), np.arange(nd, n) - nd + d]).astype(np.int64)
+        if b.all_logits:
+            # Every bucket token is a logits row; the step's rows are its tokens' positions.
+            if lidx.size and (lidx >= t_real).any():
+                raise ValueError("StepGraphs: logits_indices past the step's tokens")
+            h64[3 * N:3 * N + t] = np.arange(t)
+            sel = np.where(lidx < nd, lidx, lidx - nd + d).astype(np.int64)
+        else:
+            # The step's logits rows: sequence of each index (its last token), as a bucket row.
+            last = qsl[1:] - 1
+            seq_of = np.searchsorted(last, lidx)
+            if lidx.size and ((seq_of >= n).any()
+                              or (last[np.minimum(seq_of, n - 1)] != lidx).any()):
+                raise ValueError("StepGraphs: logits_indices must be last tokens of sequences")
+            h64[3 * N:3 * N + s] = np.maximum(b_qsl[1:].astype(np.int64) - 1, 0)
+            rows = np.concatenate([np.arange(nd), np.arange(nd, n) - nd + d]).astype(np.int64)
+            sel = rows[seq_of]
         a, hs = self._arena, self._host
         nb = self.device.type == "cuda"
-        for off, k in ((0, t), (N, t), (2 * N, t), (3 * N, s)):
+        for off, k in ((0, t), (N, t), (2 * N, t), (3 * N, b.num_logits)):
             a[off:off + k].copy_(hs[off:off + k], non_blocking=nb)
         k32 = 2 * S + 1 + s * self.max_blocks             # lengths, offsets, tables[:s]
         lo = self._n64
         a[lo:lo + (k32 + 1) // 2].copy_(hs[lo:lo + (k32 + 1) // 2], non_blocking=nb)
         if self._uploaded is not None:
             self._uploaded.record()
-        return rows[seq_of]
+        return sel
 
     def __call__(self, step: StepInputs, b: Bucket | None = None) -> torch.Tensor:
         """Logits [S, V] of a step some bucket holds (see `bucket`), S its logits rows."""
@@ -316,11 +385,12 @@ class StepGraphs:
             raise ValueError(f"StepGraphs: no bucket holds this step ({self.bucket(step)[1]})")
         sel = self._fill(b, step)
         self.replays += 1
+        self.verify_replays += b.all_logits
         if b not in self.graphs:                  # capture=False: the padded eager run
             out = self._run(b)
         else:
             self.graphs[b].replay()
-            out = self.logits[: b.num_seqs]
+            out = self.logits[: b.num_logits]
         if (sel == np.arange(sel.shape[0])).all():          # decodes only: no gather
             return out[: sel.shape[0]]
         return out[torch.from_numpy(sel).to(out.device)]

@@ -26,7 +26,9 @@ text is the target's distribution, and with a seed the very text the request get
 speculation. The scheduler takes the accepted tokens plus the bonus, checks stop ids,
 max_tokens and the context limit token by token, and rolls the sequence back to what it
 kept (rejected drafts' blocks return to the pool). Requests with a grammar or penalties do
-not speculate (their later positions depend on the earlier ones' tokens).
+not speculate (their later positions depend on the earlier ones' tokens). On a GPU, verify
+steps replay the step graphs' verify buckets (runtime/cuda_graphs.py: logits at every
+token), captured when the engine speculates.
 What it is not: the API (tokenization, stop strings, streaming: runtime/server/) or the
 process launch (runtime/serve.py). Requests are `protocol.AddRequest`; every result is a
 `protocol.RequestOutput`, and a request the engine cannot take gets an error output,
@@ -548,21 +550,7 @@ def _spec_cost(model: StepTimeModel | None) -> LinearStepCost:
 
 
 def forward_step(forward, graphs, step: StepInputs, device: torch.device) -> torch.Tensor:
-    """`run_step`, except that a step with verify rows (logits of positions that are not a
-    sequence's last token) runs eagerly: the step graphs return one row per sequence. The
-    follower ranks call this too, so every rank takes the same path."""
-    if graphs is not None and _has_verify_rows(step.meta):
-        graphs.eager_steps += 1
-        step = step.to(device)
-        return forward(step.input_ids, step.positions, step.meta)
+    """The rank's forward for one step (engine and follower ranks alike): `run_step`, whose
+    graphs include verify buckets (logits at every draft position) when the engine
+    speculates; a verify step no bucket holds runs eagerly and is counted."""
     return run_step(forward, graphs, step, device)
-
-
-def _has_verify_rows(meta) -> bool:
-    """Whether some logits row is not the last token of its sequence (host tensors: a few
-    us in numpy; torch.isin cost ~70 us of host time per step)."""
-    if not meta.logits_indices.numel():
-        return False
-    ends = meta.query_start_loc[1:].cpu().numpy().astype(np.int64) - 1
-    idx = meta.logits_indices.cpu().numpy()
-    return bool((ends[np.minimum(np.searchsorted(ends, idx), len(ends) - 1)] != idx).any())

@@ -93,9 +93,14 @@ def bind_rank(program: RankProgram, cfg: EngineConfig, num_blocks: int, max_mode
                      "so steps with prefill chunks run eagerly (counted as eager steps); "
                      "decode steps replay graphs")
             prefill = ()
-        graphs = StepGraphs(program, max_batch=cfg.max_graph_batch or cfg.max_num_seqs,
+        max_batch = cfg.max_graph_batch or cfg.max_num_seqs
+        # Speculation: verify buckets for up to every sequence as a 1 + K token verify row.
+        verify = (min(prefill[-1], max(prefill[0], max_batch * (1 + cfg.num_speculative_tokens)))
+                  if cfg.speculative and prefill else 0)
+        graphs = StepGraphs(program, max_batch=max_batch,
                             max_blocks=max_blocks, page_size=cfg.page_size,
-                            scratch_block=num_blocks, device=device, prefill_sizes=prefill)
+                            scratch_block=num_blocks, device=device, prefill_sizes=prefill,
+                            verify_tokens=verify)
     log.info("kernels: %s", ", ".join(f"{k}={v}" for k, v in REGISTRY.selections().items()))
     return graphs
 

@@ -242,6 +242,41 @@ def test_mixed_bucket_layout_pads_into_the_scratch_block():
     assert g.replays == 1
 
 
+def test_verify_bucket_returns_every_draft_position():
+    """A speculative step (a plain decode, then two verify rows of 1 + 2 and 1 + 3 tokens
+    whose every position is a logits row) replays a verify bucket: logits for every bucket
+    token, the step's rows picked by token position; without verify buckets it is refused,
+    naming why."""
+    import torch
+
+    from tscompile.kernels import AttentionMetadata
+
+    def forward(ids, pos, meta):
+        assert meta.logits_indices.numel() == ids.numel()      # every token a logits row
+        return ids.float()[meta.logits_indices][:, None].repeat(1, 3)
+
+    g = StepGraphs(forward, max_batch=4, max_blocks=32, page_size=4, scratch_block=99,
+                   device="cpu", sizes=(2, 4), prefill_sizes=(8, 16), verify_tokens=8,
+                   capture=False)
+    base = _step([1, 3, 4], [5, 7, 10])
+    m = base.meta
+    rows = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])             # all 8 tokens sampled
+    step = StepInputs(torch.arange(100, 108), base.positions,
+                      AttentionMetadata(m.query_start_loc, m.seq_lens, m.block_tables,
+                                        m.slot_mapping, rows, m.num_decodes))
+    b, why = g.bucket(step)
+    assert b == Bucket(2, 8, all_logits=True, chunk_slots=MAX_PREFILL_SEQS) and not why
+    logits = g(step)
+    # Bucket tokens: decode 0, a padding decode, then the verify rows' 7 tokens: the step's
+    # rows come back in order, the padding decode skipped.
+    assert logits[:, 0].tolist() == [float(x) for x in range(100, 108)]
+    assert g.verify_replays == 1 and g.replays == 1
+    plain = StepGraphs(forward, max_batch=4, max_blocks=32, page_size=4, scratch_block=99,
+                       device="cpu", sizes=(2, 4), prefill_sizes=(8, 16), capture=False)
+    b, why = plain.bucket(step)
+    assert b is None and "verify rows" in why
+
+
 @pytest.mark.parametrize("kv_tokens", [256, 40])
 def test_padded_mixed_buckets_keep_outputs(prog, alone, kv_tokens):
     """The mixed-step graph path without a GPU: every step, chunked prefills next to decodes

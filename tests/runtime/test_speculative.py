@@ -504,8 +504,8 @@ def tiny_outputs(eng: Engine) -> dict:
 
 def _rank_main(rank: int, port: int, prog: str, out: Path) -> None:
     """One rank of a tp-2 tiny Llama (dummy weights): rank 0 serves the prompts with
-    --speculative ngram; both ranks hold padded step graphs (capture=False), so a verify
-    step, which no graph bucket holds, must run eagerly on both."""
+    --speculative ngram; both ranks hold padded step graphs (capture=False) with verify
+    buckets, so verify steps replay those (logits at every draft position) on both."""
     import torch.distributed as dist
 
     from tscompile.runtime.cuda_graphs import StepGraphs
@@ -523,19 +523,21 @@ def _rank_main(rank: int, port: int, prog: str, out: Path) -> None:
     def padded() -> StepGraphs:
         return StepGraphs(program, max_batch=4, max_blocks=512 // 4, page_size=4,
                           scratch_block=blocks, device="cpu", sizes=(2, 4),
-                          prefill_sizes=(16, 32), capture=False)
+                          prefill_sizes=(16, 32), verify_tokens=32, capture=False)
     if rank == 0:
         eng = Engine(program, cfg, vocab_size=256, max_position_embeddings=512,
                      num_blocks=blocks)
         eng.graphs = padded()
         result = {"tokens": tiny_outputs(eng), "eager": eng.graphs.eager_steps,
-                  "replays": eng.graphs.replays, "accepted": eng.stats().spec_accepted_tokens}
+                  "replays": eng.graphs.replays, "verify": eng.graphs.verify_replays,
+                  "accepted": eng.stats().spec_accepted_tokens}
         broadcast_step(None)
     else:
         bind_rank(program, cfg, blocks, 512, torch.float32, torch.device("cpu"))
         graphs = padded()
         follow_steps(lambda step: forward_step(program, graphs, step, torch.device("cpu")))
-        result = {"eager": graphs.eager_steps, "replays": graphs.replays}
+        result = {"eager": graphs.eager_steps, "replays": graphs.replays,
+                  "verify": graphs.verify_replays}
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
@@ -564,8 +566,9 @@ def test_two_ranks_greedy_with_speculation_equals_one_rank_without(tmp_path):
                                vocab_size=256, max_position_embeddings=512))
     assert got[0]["tokens"] == want
     assert got[0]["accepted"] > 0
-    assert got[0]["eager"] == got[1]["eager"] > 0          # the verify steps, on both ranks
-    assert got[0]["replays"] == got[1]["replays"] > 0      # the prefill and plain steps
+    assert got[0]["eager"] == got[1]["eager"]              # the same path on both ranks
+    assert got[0]["verify"] == got[1]["verify"] > 0        # verify steps replayed buckets
+    assert got[0]["replays"] == got[1]["replays"] > got[0]["verify"]   # and plain steps
 
 
 if __name__ == "__main__":
