@@ -150,12 +150,34 @@ def _plan_writes(plan: ParamPlan, ckpt: SlicedCheckpoint, rank: int,
     return writes
 
 
+def _dequantized(ckpt: SlicedCheckpoint, key: str, src: Box, values: torch.Tensor,
+                 block: tuple[int, int]) -> torch.Tensor:
+    """FP8 `values` (the checkpoint box `src` of 2-D tensor `key`) times their block scales
+    (`<key>_scale_inv`, the blocks the box touches), in fp32."""
+    scale_key = key + "_scale_inv"
+    if len(src) != 2 or scale_key not in ckpt:
+        raise ValueError(f"checkpoint tensor {key!r} is float8_e4m3fn, but "
+                         f"{scale_key!r} (its [{block[0]}, {block[1]}] block scales) is "
+                         f"missing or it is not 2-D, so it cannot be dequantized")
+    (r0, r1), (c0, c1) = src
+    (bn, bk) = block
+    box = ((r0 // bn, -(-r1 // bn)), (c0 // bk, -(-c1 // bk)))
+    scale = ckpt.read(scale_key, box).float()
+    scale = scale.repeat_interleave(bn, 0).repeat_interleave(bk, 1)
+    scale = scale[r0 - box[0][0] * bn:r1 - box[0][0] * bn, c0 - box[1][0] * bk:c1 - box[1][0] * bk]
+    return values.reshape(r1 - r0, c1 - c0).float() * scale
+
+
 def _read(ckpt: SlicedCheckpoint, shape: tuple[int, ...], writes: list[tuple[str, Box, Box]],
-          dtype: torch.dtype, device) -> torch.Tensor:
+          dtype: torch.dtype, device, dequantize: tuple[int, int] | None = None
+          ) -> torch.Tensor:
     local = torch.empty(shape, dtype=dtype, device=device)
     for key, src, dst in writes:
         # Squeezed dims (stacked experts) come back as size-1 dims of the local box.
-        values = ckpt.read(key, src).reshape(tuple(b - a for a, b in dst))
+        values = ckpt.read(key, src)
+        if values.dtype == torch.float8_e4m3fn and dequantize and dtype != values.dtype:
+            values = _dequantized(ckpt, key, src, values, dequantize)
+        values = values.reshape(tuple(b - a for a, b in dst))
         if values.dtype == torch.float8_e4m3fn and dtype != values.dtype:
             raise ValueError(f"checkpoint tensor {key!r} is float8_e4m3fn (quantized) but the "
                              f"program was compiled with it unquantized, and casting it "
@@ -197,7 +219,8 @@ def load_rank_tensors(plans: dict[str, ParamPlan], rank: int, world: int, *,
                 for name, p in todo.items()}
     with SlicedCheckpoint(weights) as ckpt:
         writes = {name: _plan_writes(p, ckpt, rank, world) for name, p in todo.items()}
-        return {name: _read(ckpt, p.local_shape(world), writes[name], _dtype(p, dtype), device)
+        return {name: _read(ckpt, p.local_shape(world), writes[name], _dtype(p, dtype), device,
+                            p.dequantize)
                 for name, p in todo.items()}
 
 

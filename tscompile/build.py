@@ -38,7 +38,7 @@ from tscompile.passes.trace import trace
 from tscompile.passes.verify import verify
 from tscompile.plan import ParamPlan
 from tscompile.quant import (
-    BUILD_QUANT, Quantized, apply_fp8_block, check_called, check_fp8_blocks, hf_quantization,
+    BUILD_QUANT, Quantized, apply_fp8_block, check_fp8_blocks, direct_reads, hf_quantization,
 )
 from tscompile.runtime.kv_cache import attention_modules, bind_kv_caches
 from tscompile.tsprog import FORMAT_VERSION, write_tsprog
@@ -98,9 +98,11 @@ def _plan(stage: Stage, module: ModuleType, quantized: Quantized | None = None
     for name, p in stage.facts["param_placements"].items():
         t = all_tensors[name]
         dim = getattr(p, "dim", None)
+        deq = (tuple(quantized.quant.block)
+               if quantized and name in quantized.dequantized else None)
         plans[name] = ParamPlan(name, tuple(t.shape), _dtype_name(t), kinds[name], dim,
                                 getattr(p, "chunks", 1), pieces.get(name, ()),
-                                stored.get(name))
+                                stored.get(name), deq)
     return plans
 
 
@@ -125,34 +127,24 @@ def _kv_layout(model: torch.nn.Module, plans: dict[str, ParamPlan], world: int
             "bytes_per_token_per_rank": {"bfloat16": per_token * 2, "float32": per_token * 4}}
 
 
-def build(model: str | Path | None, *, mesh: Mesh, preset: str | None = None,
-          config: str | Path | dict[str, Any] | None = None,
-          dump_dir: str | Path | None = None, model_path: Sequence[str | Path] = (),
-          quant: str | None = None) -> Built:
-    """`model` is a model file or name; None finds it by the config's model_type (built-ins,
-    entry points, then `model_path` and TSCOMPILE_MODEL_PATH: tscompile.models).
-    `quant` ("fp8-block"): quantize an unquantized preset or config's Linears at build
-    time, as `tscompile quantize` would its checkpoint (dummy weights, byte reports)."""
-    module, config = _model_file(model, preset, config, model_path)
-    cfg = build_config(module, preset=preset, config=config)
+class _DirectReads(Exception):
+    def __init__(self, names: list[str]):
+        super().__init__(names)
+        self.names = names
+
+
+def _run_passes(module: ModuleType, cfg: Any, mesh: Mesh, qcfg: Any, direct: Sequence[str],
+                dump_dir: str | Path | None):
+    """The meta model (FP8 Linears swapped in, but those in `direct`) through every pass:
+    (model, Quantized | None, final stage, pass timings, dumps, graph.json)."""
     with torch.device("meta"):
         net = module.MODEL(cfg).eval()
-    # Quantized checkpoints (quantization_config): FP8 Linears become fp8_block_linear.
-    qcfg = hf_quantization(config)
-    if quant is not None:
-        if quant not in BUILD_QUANT:
-            raise ValueError(f"--quant {quant!r} is not supported; supported: "
-                             f"{', '.join(BUILD_QUANT)}")
-        if qcfg is not None:
-            raise ValueError(f"--quant {quant}: the config is already quantized "
-                             f"({qcfg.to_hf()['quant_method']}); drop --quant")
-        qcfg = BUILD_QUANT[quant]()
-    quantized = apply_fp8_block(net, resolve(net, _rules(module)), qcfg) if qcfg else None
+    quantized = (apply_fp8_block(net, resolve(net, _rules(module)), qcfg, direct)
+                 if qcfg else None)
     if attention_modules(net):           # shapes only: a 4-block pool on the meta device
         bind_kv_caches(net, 4, 4, dtype=torch.float32, device="meta")
     stage = Stage(None, mesh, net, cfg)          # type: ignore[arg-type]
-    dump_dir = dump_dir or envs.TSCOMPILE_DUMP.get() or None
-    timings, dumps = [], {}
+    timings, dumps, graph = [], {}, None
     for i, (name, fn) in enumerate(PASSES):
         t0 = time.perf_counter()
         stage = fn(stage)
@@ -165,12 +157,44 @@ def build(model: str | Path | None, *, mesh: Mesh, preset: str | None = None,
             Path(dump_dir).mkdir(parents=True, exist_ok=True)
             (Path(dump_dir) / f"{i:02d}_{name}.txt").write_text(text)
         log.info("pass %s: %.3f s", name, timings[-1]["seconds"])
-        if name == "trace" and quantized:
-            check_called(stage.gm, quantized)
+        if name == "trace" and quantized and not direct:
+            names = direct_reads(stage.gm, quantized)
+            if names:
+                raise _DirectReads(names)
         if name == "propagate" and quantized:     # before localize divides the block grids
             check_fp8_blocks(stage.facts["param_placements"],
                              {k: tuple(v.shape) for k, v in net.named_parameters()},
                              quantized, mesh.world_size)
+    return net, quantized, stage, timings, dumps, graph
+
+
+def build(model: str | Path | None, *, mesh: Mesh, preset: str | None = None,
+          config: str | Path | dict[str, Any] | None = None,
+          dump_dir: str | Path | None = None, model_path: Sequence[str | Path] = (),
+          quant: str | None = None) -> Built:
+    """`model` is a model file or name; None finds it by the config's model_type (built-ins,
+    entry points, then `model_path` and TSCOMPILE_MODEL_PATH: tscompile.models).
+    `quant` ("fp8-block"): quantize an unquantized preset or config's Linears at build
+    time, as `tscompile quantize` would its checkpoint (dummy weights, byte reports)."""
+    module, config = _model_file(model, preset, config, model_path)
+    cfg = build_config(module, preset=preset, config=config)
+    # Quantized checkpoints (quantization_config): FP8 Linears become fp8_block_linear.
+    qcfg = hf_quantization(config)
+    if quant is not None:
+        if quant not in BUILD_QUANT:
+            raise ValueError(f"--quant {quant!r} is not supported; supported: "
+                             f"{', '.join(BUILD_QUANT)}")
+        if qcfg is not None:
+            raise ValueError(f"--quant {quant}: the config is already quantized "
+                             f"({qcfg.to_hf()['quant_method']}); drop --quant")
+        qcfg = BUILD_QUANT[quant]()
+    dump_dir = dump_dir or envs.TSCOMPILE_DUMP.get() or None
+    try:
+        net, quantized, stage, timings, dumps, graph = _run_passes(
+            module, cfg, mesh, qcfg, (), dump_dir)
+    except _DirectReads as e:            # keep those Linears unquantized, and start over
+        net, quantized, stage, timings, dumps, graph = _run_passes(
+            module, cfg, mesh, qcfg, e.names, dump_dir)
     plans = _plan(stage, module, quantized)
     world = mesh.world_size
     for p in plans.values():

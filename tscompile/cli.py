@@ -182,8 +182,9 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     moe.add_argument("--moe-ep", type=int, help="MoE expert parallel degree (1 or --tp)")
     p.add_argument("--quant", choices=("fp8-block",),
                    help="quantize an unquantized preset or config at build time as `tscompile "
-                        "quantize` would its checkpoint: Linears as block-scaled FP8 (routers "
-                        "and MLA's kv_b_proj kept); for --dummy-weights runs and byte reports")
+                        "quantize` would its checkpoint: Linears as block-scaled FP8 (those "
+                        "the model reads itself, routers and MLA's kv_b_proj, kept); for "
+                        "--dummy-weights runs and byte reports")
     p.add_argument("-o", "--output", required=True, help="output .tsprog")
     p.add_argument("--dump", help="also write the graph after every pass to this folder "
                                   "(same as TSCOMPILE_DUMP)")

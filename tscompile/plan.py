@@ -49,6 +49,10 @@ class ParamPlan:
     # precision of a quantized weight ("float8_e4m3fn") and of its scales ("float32"), which
     # the kernels read as stored. None: the run's dtype (--dtype), cast from the checkpoint.
     stored: str | None = None
+    # [bn, bk]: the checkpoint may hold this tensor block-scaled FP8 (with
+    # `<key>_scale_inv`) although the program reads it unquantized (a Linear whose weight
+    # the model reads itself, e.g. MLA's absorbed kv_b_proj): dequantized while loading.
+    dequantize: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -92,9 +96,11 @@ class ParamPlan:
     def to_json(self) -> dict[str, Any]:
         return {"shape": list(self.shape), "dtype": self.dtype, "kind": self.kind,
                 "placement": self.placement, "dim": self.dim, "chunks": self.chunks,
-                "pieces": [p.to_json() for p in self.pieces], "stored": self.stored}
+                "pieces": [p.to_json() for p in self.pieces], "stored": self.stored,
+                "dequantize": list(self.dequantize) if self.dequantize else None}
 
     @classmethod
     def from_json(cls, name: str, d: dict[str, Any]) -> ParamPlan:
         return cls(name, tuple(d["shape"]), d["dtype"], d["kind"], d["dim"], d["chunks"],
-                   tuple(CheckpointPiece.from_json(p) for p in d["pieces"]), d.get("stored"))
+                   tuple(CheckpointPiece.from_json(p) for p in d["pieces"]), d.get("stored"),
+                   tuple(d["dequantize"]) if d.get("dequantize") else None)

@@ -16,6 +16,11 @@ What it is, for `quantization_config: {quant_method: "fp8", weight_block_size: [
   like its weight (the `fp8_block_linear` rule shards the block grid on the weight's dim)
   and every rank's slice must be whole blocks; a block that straddles two ranks is an error
   naming the tensor, the block size and the rank's slice.
+* `direct_reads(gm, done)`, right after `trace`: a quantized Linear whose weight the model
+  reads itself (a router's fp32 matmul, MLA's absorbed `kv_b_proj`) would see FP8 codes
+  without their scales; the build then starts over with those Linears left unquantized,
+  and their plans say `dequantize: [bn, bk]` (runtime/shards.py multiplies an FP8
+  checkpoint tensor by its block scales while loading it).
 What it is not: the kernel (kernels/fp8.py), the converter that writes such checkpoints
 (tscompile/quantize.py), MoE experts or INT4 (issue 19, later).
 """
@@ -117,6 +122,9 @@ class Quantized:
     quant: Fp8Block
     scales: dict[str, str] = field(default_factory=dict)
     pieces: list[Piece] = field(default_factory=list)
+    # Weights of Linears the model reads directly (kept unquantized in the program): the
+    # loader dequantizes them if the checkpoint stores them FP8.
+    dequantized: set[str] = field(default_factory=set)
 
     def stored(self) -> dict[str, str]:
         """Tensor name -> the dtype it is held in whatever the run's dtype."""
@@ -133,9 +141,12 @@ def _shared(model: nn.Module) -> set[str]:
     return {n for group in names.values() if len(group) > 1 for n in group}
 
 
-def apply_fp8_block(model: nn.Module, pieces: Iterable[Piece], quant: Fp8Block) -> Quantized:
+def apply_fp8_block(model: nn.Module, pieces: Iterable[Piece], quant: Fp8Block,
+                    direct: Iterable[str] = ()) -> Quantized:
     """Swap the quantized `nn.Linear`s of a meta `model` for `Fp8BlockLinear`s (in place).
-    `pieces`: `resolve(model, CHECKPOINT_MAP)` of the unquantized model."""
+    `pieces`: `resolve(model, CHECKPOINT_MAP)` of the unquantized model. `direct`: weight
+    names the model reads itself (`direct_reads`), left as Linears and dequantized at load."""
+    direct = set(direct)
     pieces = list(pieces)
     by_param: dict[str, list[Piece]] = {}
     for p in pieces:
@@ -150,6 +161,9 @@ def apply_fp8_block(model: nn.Module, pieces: Iterable[Piece], quant: Fp8Block) 
         if name in shared or not keys or any(
                 not k.endswith(".weight") or quant.keeps(k.removesuffix(".weight"))
                 for k in keys):
+            continue
+        if name in direct:
+            done.dequantized.add(name)
             continue
         parent, _, child = path.rpartition(".")
         new = Fp8BlockLinear(m.in_features, m.out_features, m.bias is not None, quant.block,
@@ -209,25 +223,18 @@ def check_fp8_blocks(placements: dict[str, Any], shapes: dict[str, tuple[int, ..
                 f"quantization_config.modules_to_not_convert")
 
 
-def check_called(gm, done: Quantized) -> None:
-    """After tracing: every FP8 weight is read only by its module's `fp8_block_linear` (a
-    model that reads `module.weight` itself, as an MoE router's fp32 matmul or MLA's
-    absorbed `kv_b_proj` do, would get FP8 codes without their scales: refused, naming it)."""
+def direct_reads(gm, done: Quantized) -> list[str]:
+    """After tracing: the FP8 weights read other than by their module's `fp8_block_linear`
+    (an MoE router's fp32 matmul on `gate.weight`, MLA's absorbed `kv_b_proj.weight`): as
+    FP8 codes without their scales they would be wrong, so the build keeps those Linears
+    unquantized (`apply_fp8_block(direct=...)`) and the loader dequantizes their weights."""
     target = torch.ops.tscompile.fp8_block_linear.default
-    for n in gm.graph.nodes:
-        if n.op != "get_attr" or n.target not in done.scales:
-            continue
-        other = [u for u in n.users if not (u.op == "call_function" and u.target is target)]
-        if other:
-            module = n.target.removesuffix(".weight")
-            raise ValueError(
-                f"FP8 weight {n.target} is read directly by the model ({other[0].op} "
-                f"{other[0].target!s:.40}), not through its Linear's forward, so it would be "
-                f"used without its block scales; hint: keep {module!r} unquantized "
-                f"(quantization_config.modules_to_not_convert, or a checkpoint that stores it "
-                f"in bf16)")
+    return sorted(n.target for n in gm.graph.nodes
+                  if n.op == "get_attr" and n.target in done.scales
+                  and any(not (u.op == "call_function" and u.target is target) for u in n.users))
 
 
-# `tscompile build --quant`: quantize a preset (dummy-weight runs, per-rank byte reports) as a
-# checkpoint made by `tscompile quantize` would be: routers and MLA's absorbed kv_b_proj kept.
-BUILD_QUANT = {"fp8-block": lambda: Fp8Block((128, 128), ("mlp.gate", "kv_b_proj"))}
+# `tscompile build --quant`: quantize a preset (dummy-weight runs, per-rank byte reports):
+# every Linear the model calls, as in DeepSeek-V3's checkpoints (the ones it reads itself,
+# routers and MLA's kv_b_proj, stay unquantized: `direct_reads`).
+BUILD_QUANT = {"fp8-block": lambda: Fp8Block((128, 128))}

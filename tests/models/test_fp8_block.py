@@ -159,16 +159,69 @@ def test_quant_on_a_quantized_config_is_refused(ckpts):
         build("qwen3", config=fp8, mesh=Mesh.build(1), quant="fp8-block")
 
 
-def test_a_weight_the_model_reads_directly_is_refused():
-    """Qwen3-MoE's router reads `gate.weight` for its fp32 matmul: an FP8 router weight would
-    be used without its scales, so a config that quantizes it is refused, naming it."""
+def test_a_weight_the_model_reads_directly_stays_unquantized():
+    """Qwen3-MoE's router reads `gate.weight` for its fp32 matmul: an FP8 router weight
+    would be used without its scales, so the build keeps that Linear unquantized and marks
+    it for dequantization at load (should the checkpoint hold it in FP8)."""
     cfg = {"model_type": "qwen3_moe", "vocab_size": 256, "hidden_size": 256,
            "intermediate_size": 256, "num_hidden_layers": 1, "num_attention_heads": 2,
            "num_key_value_heads": 1, "head_dim": 128, "num_experts": 4,
            "num_experts_per_tok": 2, "moe_intermediate_size": 128,
            "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}
-    with pytest.raises(ValueError, match=r"FP8 weight layers\.0\.mlp\.gate\.weight is read "
-                                         r"directly .*keep 'layers\.0\.mlp\.gate' unquantized"):
-        build(None, config=cfg, mesh=Mesh.build(1))
-    cfg["quantization_config"]["modules_to_not_convert"] = ["mlp.gate"]
-    assert build(None, config=cfg, mesh=Mesh.build(1)).manifest["quantization"]
+    t = build(None, config=cfg, mesh=Mesh.build(1)).manifest["tensors"]
+    gate = t["layers.0.mlp.gate.weight"]
+    assert gate["stored"] is None and gate["dequantize"] == [128, 128]
+    assert t["layers.0.self_attn.q_proj.weight"]["stored"] == "float8_e4m3fn"
+    assert t["layers.0.self_attn.q_proj.weight"]["dequantize"] is None
+
+
+def test_deepseek_v3_fp8_checkpoint_matches_its_dequantized_model(tmp_path):
+    """DeepSeek-V3's FP8 format on a tiny MLA + MoE model: every Linear FP8 but the router
+    and routed experts (kept by `tscompile quantize`), including `kv_b_proj`, which the MLA
+    code reads itself (absorbed into the query and output): that one loads dequantized.
+    Compiled at TP 1 and 2 against the dequantized checkpoint."""
+    from .test_kimi_k25 import _randomise
+    cfg = transformers.DeepseekV3Config(
+        vocab_size=256, hidden_size=128, intermediate_size=256, moe_intermediate_size=256,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=128,
+        kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64,
+        n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1,
+        n_shared_experts=1, n_group=1, topk_group=1, norm_topk_prob=True,
+        initializer_range=0.2, num_mtp_layers=0, tie_word_embeddings=False,
+        max_position_embeddings=128, rope_parameters={"rope_type": "default",
+                                                      "rope_theta": 10000.0})
+    torch.manual_seed(5)
+    model = transformers.DeepseekV3ForCausalLM(cfg).eval()
+    _randomise(model, 5)
+    model.save_pretrained(tmp_path / "bf")
+    assert main(["quantize", str(tmp_path / "bf"), "--fp8-block", "-o", str(tmp_path / "fp8")]) == 0
+    tensors = load_file(tmp_path / "fp8" / "model.safetensors")
+    assert tensors["model.layers.0.self_attn.kv_b_proj.weight"].dtype == torch.float8_e4m3fn
+    assert tensors["model.layers.1.mlp.gate.weight"].dtype == torch.float32
+    deq = {k: dequantize_fp8_block(v, tensors[k + "_scale_inv"], [128, 128])
+           if v.dtype == torch.float8_e4m3fn else v
+           for k, v in tensors.items() if not k.endswith("_scale_inv")}
+    (tmp_path / "deq").mkdir()
+    save_file(deq, tmp_path / "deq" / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    del config["quantization_config"]
+    (tmp_path / "deq" / "config.json").write_text(json.dumps(config))
+
+    built = build("kimi_k25", config=tmp_path / "fp8", mesh=Mesh.build(1))
+    t = built.manifest["tensors"]
+    assert t["layers.0.self_attn.kv_b_proj.weight"]["dequantize"] == [128, 128]
+    assert t["layers.0.self_attn.q_b_proj.weight"]["stored"] == "float8_e4m3fn"
+    prompt = torch.randint(0, 256, (11,), generator=torch.Generator().manual_seed(4)).tolist()
+    feeds = [[(0, prompt)]] + [[(0, [t])] for t in (3, 77, 140, 9)]
+
+    def prog(weights, tp):
+        return str(build("kimi_k25", config=weights, mesh=Mesh.build(tp)).save(
+            tmp_path / f"{weights.name}_tp{tp}.tsprog"))
+    q1, d1 = [torch.cat(o) for o in run_steps(
+        [StepsJob(prog(tmp_path / "fp8", 1), feeds, weights=str(tmp_path / "fp8")),
+         StepsJob(prog(tmp_path / "deq", 1), feeds, weights=str(tmp_path / "deq"))])]
+    (q2,) = [torch.cat(o) for o in run_steps(
+        [StepsJob(prog(tmp_path / "fp8", 2), feeds, weights=str(tmp_path / "fp8"))])]
+    for name, got in (("tp1", q1), ("tp2", q2)):
+        diff = float((got - d1).abs().max())
+        assert diff < 1e-4, f"fp8 {name} vs the dequantized model: {diff}"
