@@ -98,8 +98,10 @@ def _plan(stage: Stage, module: ModuleType, quantized: Quantized | None = None
     for name, p in stage.facts["param_placements"].items():
         t = all_tensors[name]
         dim = getattr(p, "dim", None)
+        # Quantized checkpoint: any tensor the program reads unquantized may be stored FP8
+        # there (routed experts, a Linear the model reads itself): dequantized at load.
         deq = (tuple(quantized.quant.block)
-               if quantized and name in quantized.dequantized else None)
+               if quantized and name not in stored and kinds[name] == "param" else None)
         plans[name] = ParamPlan(name, tuple(t.shape), _dtype_name(t), kinds[name], dim,
                                 getattr(p, "chunks", 1), pieces.get(name, ()),
                                 stored.get(name), deq)

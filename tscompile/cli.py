@@ -150,6 +150,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help="weight_block_size (default 128 128)")
     p.add_argument("--keep", action="append", default=[],
                    help="a module name to leave unquantized (repeatable)")
+    p.add_argument("--experts", action="store_true",
+                   help="also quantize the routed experts' weights, as DeepSeek-V3 and Kimi "
+                        "K2 ship them (the program dequantizes them while loading)")
     p.add_argument("-o", "--output", required=True, help="output folder")
 
 
@@ -157,7 +160,7 @@ def _quantize(args: argparse.Namespace) -> int:
     from tscompile.quantize import quantize_checkpoint
 
     out = quantize_checkpoint(args.checkpoint, args.output, block=tuple(args.block),
-                              keep=tuple(args.keep))
+                              keep=tuple(args.keep), experts=args.experts)
     print(f"wrote {out}")
     return 0
 

@@ -5,7 +5,8 @@ Every 2-D `<module>.weight` of a linear layer becomes float8_e4m3fn with
 `<module>.weight_scale_inv` float32 [ceil(N/bn), ceil(K/bk)] (each block's amax mapped to
 e4m3's 448: kernels/fp8.py); config.json gets the `quantization_config`. Kept as stored, and
 listed in `modules_to_not_convert` when 2-D: embeddings, the LM head, MoE routers
-(`mlp.gate`) and experts (`.experts.`: INT4/FP8 experts are later work), and `--keep` names.
+(`mlp.gate`), experts (`.experts.`, unless `--experts`: the program then dequantizes them
+at load, as it has no FP8 MoE kernel yet), and `--keep` names.
 Norms and biases (1-D) are never quantized. Other files (tokenizer, generation config) are
 copied. What it is not: calibration (FP8 block scaling needs none) or INT4 (issue 19).
 """
@@ -24,16 +25,18 @@ from tscompile.quant import SCALE_SUFFIX, Fp8Block
 from tscompile.runtime.weights import Checkpoint
 
 
-def _kept(module: str, quant: Fp8Block) -> bool:
+def _kept(module: str, quant: Fp8Block, experts: bool) -> bool:
     last = module.rsplit(".", 1)[-1]
     return ("embed" in last or last in ("wte", "wpe") or module.endswith("mlp.gate")
-            or ".experts." in f".{module}." or quant.keeps(module))
+            or (not experts and ".experts." in f".{module}.") or quant.keeps(module))
 
 
 def quantize_checkpoint(src: str | Path, out: str | Path, *,
-                        block: Sequence[int] = (128, 128), keep: Sequence[str] = ()) -> Path:
+                        block: Sequence[int] = (128, 128), keep: Sequence[str] = (),
+                        experts: bool = False) -> Path:
     """Write the FP8 block-scaled copy of checkpoint `src` to folder `out` (one
-    model.safetensors); returns `out`."""
+    model.safetensors); returns `out`. `experts`: the routed experts' weights too (as
+    DeepSeek-V3 ships them; the program dequantizes them while loading)."""
     src, out = Path(src), Path(out)
     config = json.loads((src / "config.json").read_text())
     if config.get("quantization_config"):
@@ -48,7 +51,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, *,
             module = key.removesuffix(".weight")
             if not key.endswith(".weight") or t.ndim != 2 or not t.is_floating_point():
                 tensors[key] = t
-            elif _kept(module, quant):
+            elif _kept(module, quant, experts):
                 tensors[key] = t
                 not_converted.append(module)
             else:

@@ -176,9 +176,9 @@ def test_a_weight_the_model_reads_directly_stays_unquantized():
 
 
 def test_deepseek_v3_fp8_checkpoint_matches_its_dequantized_model(tmp_path):
-    """DeepSeek-V3's FP8 format on a tiny MLA + MoE model: every Linear FP8 but the router
-    and routed experts (kept by `tscompile quantize`), including `kv_b_proj`, which the MLA
-    code reads itself (absorbed into the query and output): that one loads dequantized.
+    """DeepSeek-V3's FP8 format on a tiny MLA + MoE model: every Linear FP8 but the router,
+    the routed experts too (`quantize --experts`), and `kv_b_proj`, which the MLA code reads
+    itself (absorbed into the query and output). The experts and kv_b_proj load dequantized.
     Compiled at TP 1 and 2 against the dequantized checkpoint."""
     from .test_kimi_k25 import _randomise
     cfg = transformers.DeepseekV3Config(
@@ -194,9 +194,11 @@ def test_deepseek_v3_fp8_checkpoint_matches_its_dequantized_model(tmp_path):
     model = transformers.DeepseekV3ForCausalLM(cfg).eval()
     _randomise(model, 5)
     model.save_pretrained(tmp_path / "bf")
-    assert main(["quantize", str(tmp_path / "bf"), "--fp8-block", "-o", str(tmp_path / "fp8")]) == 0
+    assert main(["quantize", str(tmp_path / "bf"), "--fp8-block", "--experts",
+                 "-o", str(tmp_path / "fp8")]) == 0
     tensors = load_file(tmp_path / "fp8" / "model.safetensors")
     assert tensors["model.layers.0.self_attn.kv_b_proj.weight"].dtype == torch.float8_e4m3fn
+    assert tensors["model.layers.1.mlp.experts.3.down_proj.weight"].dtype == torch.float8_e4m3fn
     assert tensors["model.layers.1.mlp.gate.weight"].dtype == torch.float32
     deq = {k: dequantize_fp8_block(v, tensors[k + "_scale_inv"], [128, 128])
            if v.dtype == torch.float8_e4m3fn else v
@@ -210,6 +212,7 @@ def test_deepseek_v3_fp8_checkpoint_matches_its_dequantized_model(tmp_path):
     built = build("kimi_k25", config=tmp_path / "fp8", mesh=Mesh.build(1))
     t = built.manifest["tensors"]
     assert t["layers.0.self_attn.kv_b_proj.weight"]["dequantize"] == [128, 128]
+    assert t["layers.1.mlp.w13"]["dequantize"] == [128, 128]
     assert t["layers.0.self_attn.q_b_proj.weight"]["stored"] == "float8_e4m3fn"
     prompt = torch.randint(0, 256, (11,), generator=torch.Generator().manual_seed(4)).tolist()
     feeds = [[(0, prompt)]] + [[(0, [t])] for t in (3, 77, 140, 9)]
