@@ -40,9 +40,9 @@ import torch
 from torch import nn
 
 from tscompile.annotations import Partial, Replicate, placement
-from tscompile.kernels import AttentionMetadata, gqa_attention, moe_experts, moe_route
+from tscompile.kernels import AttentionMetadata, moe_experts, moe_route
 from tscompile.models.checkpoint import Rule
-from tscompile.models.layers import CausalLM, RMSNorm, Rotary, hf_rope
+from tscompile.models.layers import CausalLM, GQAAttention, RMSNorm, Rotary, hf_rope
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 # The published configs' RoPE: YaRN, factor 32 over 4096 positions, without the floor/ceil
@@ -186,40 +186,6 @@ PRESETS: dict[str, GptOssConfig] = {
 }
 
 
-@placement(inputs=Replicate(), outputs=Partial(), group="attn")
-class GptOssAttention(nn.Module):
-    """GQA with q/k/v/o biases, YaRN RoPE, per-head sinks and this layer's window."""
-
-    def __init__(self, c: GptOssConfig, index: int, rotary: Rotary):
-        super().__init__()
-        h, d = c.hidden_size, c.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, d
-        self.q_proj = nn.Linear(h, c.num_heads * d, bias=c.attention_bias)       # [Hq*D, H]
-        self.k_proj = nn.Linear(h, c.num_kv_heads * d, bias=c.attention_bias)    # [Hkv*D, H]
-        self.v_proj = nn.Linear(h, c.num_kv_heads * d, bias=c.attention_bias)
-        self.o_proj = nn.Linear(c.num_heads * d, h, bias=c.attention_bias)       # [H, Hq*D]
-        self.sinks = nn.Parameter(torch.zeros(c.num_heads))                       # [Hq]
-        self.window = c.window(index)
-        self.rotary = rotary
-        self.scale = d ** -0.5
-        self.register_buffer("kv_cache", torch.empty(0), persistent=False)
-
-    def kv_cache_shape(self, num_blocks: int, page_size: int) -> tuple[int, ...]:
-        return (2, num_blocks, page_size, self.num_kv_heads, self.head_dim)
-
-    def forward(self, x: torch.Tensor, positions: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        t = x.shape[0]
-        q = self.q_proj(x).view(t, -1, self.head_dim)  # [T, Hq, D]
-        k = self.k_proj(x).view(t, -1, self.head_dim)  # [T, Hkv, D]
-        v = self.v_proj(x).view(t, -1, self.head_dim)
-        q, k = self.rotary(q, positions), self.rotary(k, positions)
-        o = gqa_attention(q, k, v, self.kv_cache, meta.slot_mapping, meta.block_tables,
-                          meta.query_start_loc, meta.seq_lens, meta.num_decodes, self.scale,
-                          self.window, self.sinks)
-        return self.o_proj(o.view(t, -1))
-
-
 class GptOssExperts(nn.Module):
     """The stacked expert tensors, in Hugging Face's names and layouts (no forward: the
     MoE passes them to the op)."""
@@ -260,7 +226,10 @@ class DecoderLayer(nn.Module):
     def __init__(self, c: GptOssConfig, index: int, rotary: Rotary):
         super().__init__()
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.self_attn = GptOssAttention(c, index, rotary)
+        # GQA with q/k/v/o biases, YaRN RoPE, per-head sinks and this layer's window.
+        self.self_attn = GQAAttention(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
+                                      rotary, bias=c.attention_bias, o_bias=c.attention_bias,
+                                      window=c.window(index), sinks=True)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = GptOssMoE(c)
 

@@ -75,18 +75,24 @@ class GatedMLP(nn.Module):
 
 @placement(inputs=Replicate(), outputs=Partial(), group="attn")
 class GQAAttention(nn.Module):
-    """Grouped-query attention with RoPE and an optional per-head QK RMSNorm (Qwen3)."""
+    """Grouped-query attention with RoPE and the options the families use: q/k/v biases
+    (`bias`), an output bias (`o_bias`), a per-head QK RMSNorm (Qwen3: `qk_norm_eps`), a
+    sliding window of `window` keys (0: full), and learned per-head attention sinks
+    (GPT-OSS: `sinks`, a [Hq] parameter named `sinks`)."""
 
     def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 rotary: Rotary, *, bias: bool = False, qk_norm_eps: float | None = None):
+                 rotary: Rotary, *, bias: bool = False, o_bias: bool = False,
+                 qk_norm_eps: float | None = None, window: int = 0, sinks: bool = False):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.q_proj = nn.Linear(hidden, num_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden, num_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, num_kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(num_heads * head_dim, hidden, bias=False)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden, bias=o_bias)
         self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
         self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
+        self.sinks = nn.Parameter(torch.zeros(num_heads)) if sinks else None    # [Hq]
+        self.window = window
         self.rotary = rotary
         self.scale = head_dim ** -0.5
         self.register_buffer("kv_cache", torch.empty(0), persistent=False)
@@ -103,8 +109,10 @@ class GQAAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(q, positions), self.rotary(k, positions)
+        variants = (self.window, self.sinks) if self.window or self.sinks is not None else ()
         o = gqa_attention(q, k, v, self.kv_cache, meta.slot_mapping, meta.block_tables,
-                          meta.query_start_loc, meta.seq_lens, meta.num_decodes, self.scale)
+                          meta.query_start_loc, meta.seq_lens, meta.num_decodes, self.scale,
+                          *variants)
         return self.o_proj(o.view(t, -1))
 
 
